@@ -1,0 +1,216 @@
+"""The ResNet-50 backbone: weights, preprocessing, fingerprint and layer capture.
+
+`FeatureExtractor` is the one object that owns layer capture. It is built with
+torchvision's `create_feature_extractor`, which traces the model and drops every
+node after the deepest requested one, so the forward stops there and no hook
+handles need managing. ReLUs are made out-of-place before tracing: with the
+in-place ReLU a captured tensor (say `layer1.0.bn1`) would be overwritten by the
+next node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import FeatreconError
+from .schema import Preprocessing
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Friendly names for the usual depths. `stem` is the output of conv1 -> bn1 -> relu
+# (64 x 112 x 112 at 224 px), before the max-pool.
+STANDARD_LAYERS = {"stem": "relu", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
+NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT")
+WEIGHTS_HELP = ("IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT (torchvision, downloaded once), a path to a state-dict "
+                "file, random or random:SEED (seeded init), or auto (IMAGENET1K_V2, or random:0 with a warning "
+                "when it cannot be downloaded)")
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; anything else as torch spells it."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise FeatreconError(f"--device {spec!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatreconError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def preprocessing_for(weights: str, size: int | None = None) -> Preprocessing:
+    """Resize/crop of the chosen weights (torchvision's own recipe), scaled to `size`."""
+    resize, crop = 256, 224
+    if weights in NAMED_WEIGHTS:
+        from torchvision.models import ResNet50_Weights
+
+        kw = ResNet50_Weights[weights].transforms.keywords
+        resize, crop = kw.get("resize_size", resize), kw.get("crop_size", crop)
+    if size is not None:
+        if size < 32:
+            raise FeatreconError(f"--size {size}: too small for ResNet-50 (stride 32); use at least 32")
+        resize, crop = round(size * resize / crop), size
+    return Preprocessing(resize=resize, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _download_state_dict(name: str) -> dict:
+    from torchvision.models import ResNet50_Weights
+
+    weights = ResNet50_Weights[name]
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # never hang on a dead network
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # URLError, timeout, hash mismatch, ...
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise FeatreconError(
+            f"--weights {name}: could not download {weights.url} ({e}); this machine may be offline. "
+            f"Put that file in {hub}, or pass --weights PATH (a state dict saved with "
+            "torch.save(model.state_dict(), PATH)), or --weights random for a seeded random init") from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FeatreconError(f"--weights {path}: not a readable torch state-dict file ({e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise FeatreconError(f"--weights {path}: expected a state dict, found {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
+    """Build a ResNet-50 in eval mode. Returns the model and the weights name to record
+    (what was actually used: `auto` resolves to IMAGENET1K_V2 or random:0)."""
+    from torchvision.models import resnet50
+
+    if weights == "auto":
+        try:
+            return load_resnet50("IMAGENET1K_V2")
+        except FeatreconError as e:
+            log.warning("%s -- falling back to --weights random:0; the cache records this, "
+                        "and its numbers describe a randomly initialised network", e)
+            return load_resnet50("random:0")
+    if weights == "random" or weights.startswith("random:"):
+        seed_text = weights.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise FeatreconError(f"--weights {weights!r}: the seed after 'random:' must be a non-negative integer")
+        with torch.random.fork_rng():
+            torch.manual_seed(int(seed_text))
+            model = resnet50(weights=None)
+        return model.eval(), f"random:{int(seed_text)}"
+    if weights in NAMED_WEIGHTS:
+        from torchvision.models import ResNet50_Weights
+
+        name = ResNet50_Weights[weights].name  # DEFAULT -> IMAGENET1K_V2
+        sd = _download_state_dict(name)
+    elif Path(weights).is_file():
+        sd, name = _load_state_dict_file(Path(weights)), str(Path(weights).resolve())
+    else:
+        raise FeatreconError(f"--weights {weights!r}: not a known name nor an existing file; use {WEIGHTS_HELP}")
+    model = resnet50(weights=None)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise FeatreconError(f"--weights {weights}: not a torchvision ResNet-50 state dict ({str(e).splitlines()[0]})") from None
+    return model.eval(), name
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the state dict (names, dtypes, shapes and bytes), in key order."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def graph_nodes(model: nn.Module) -> list[str]:
+    """Every node name torchvision can capture from this model, in forward order."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    return get_graph_node_names(model)[1]
+
+
+def resolve_layers(spec: str, model: nn.Module) -> dict[str, str]:
+    """`all`, or a comma list of stem/layer1..layer4/any graph node -> {layer name: node}, shallow to deep."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise FeatreconError("--layers is empty; use all, or a comma list such as layer1,layer3")
+    if names == ["all"]:
+        return dict(STANDARD_LAYERS)
+    nodes = graph_nodes(model)
+    # A module name (layer2, layer3.1) stands for its last node, as in torchvision.
+    order = {}
+    for i, n in enumerate(nodes):
+        parts = n.split(".")
+        for j in range(1, len(parts) + 1):
+            order[".".join(parts[:j])] = i
+    out = {}
+    for name in names:
+        node = STANDARD_LAYERS.get(name, name)
+        if node not in order:
+            raise FeatreconError(
+                f"--layers: unknown layer {name!r}; use all, {', '.join(STANDARD_LAYERS)}, "
+                f"or a torchvision node name of resnet50 such as {', '.join(nodes[4:9])}, ... ({len(nodes)} in all)")
+        out[name] = node
+    return dict(sorted(out.items(), key=lambda kv: order[kv[1]]))
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 images (B, 3, H, W) in, {layer: (B, C, h, w)} out; normalisation on the device.
+
+    The traced graph ends at the deepest requested node, so asking for layer1 costs
+    only the stem and layer1."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, str], pre: Preprocessing,
+                 channels_last: bool = True, autocast: str = "none"):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        for m in model.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        self.layers = dict(layers)
+        self.body = create_feature_extractor(model, return_nodes={node: name for name, node in layers.items()}).eval()
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
+        self.channels_last = channels_last
+        if autocast not in ("none", "bf16", "fp16"):
+            raise FeatreconError(f"--autocast {autocast!r}: choose none, bf16 or fp16")
+        self.autocast = autocast
+        if channels_last:
+            self.body = self.body.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (images.float() - self.mean) / self.std  # (B, 3, H, W), the torchvision normalisation
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast == "none":
+            return self.body(x)
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self.body(x)
+        return {k: v.float() for k, v in out.items()}
+
+    def layer_shapes(self, size: int) -> dict[str, list[int]]:
+        """[C, H, W] of every captured layer for a size x size input."""
+        dev = self.mean.device
+        out = self.forward(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=dev))
+        return {k: list(v.shape[1:]) for k, v in out.items()}

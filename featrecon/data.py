@@ -1,0 +1,214 @@
+"""Source images: discovery, labels, the train/holdout split and decoding.
+
+Ids are paths relative to the source root with posix separators, sorted, so the
+same folder always gives the same ids in the same order. Images are decoded to
+uint8 (3, H, W) exactly as torchvision's classification transforms do (resize
+the shorter side, antialiased bilinear, then centre crop); the float
+normalisation happens on the device, in `backbone.FeatureExtractor`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import FeatreconError
+from .schema import SPLIT_HOLDOUT, SPLIT_TRAIN, Preprocessing
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# Real photos that ship inside scikit-image: the default image set when no
+# --images is given, so a new user sees the whole pipeline run in minutes.
+SAMPLE_IMAGES = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "coffee.png", "coins.png",
+    "color.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png", "logo.png",
+    "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
+    "retina.jpg", "rocket.jpg", "text.png",
+)
+_WNID = re.compile(r"^(n\d{8})")
+_ILSVRC_VAL = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
+
+
+def sample_images_root() -> Path:
+    """scikit-image's bundled data folder."""
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent
+
+
+def discover_images(root: Path, limit: int | None = None, only: tuple[str, ...] | None = None) -> list[str]:
+    """Image files under `root` (recursive, any case of the extension), as sorted relative ids."""
+    if not root.exists():
+        raise FeatreconError(f"--images {root}: folder does not exist")
+    if not root.is_dir():
+        raise FeatreconError(f"--images {root}: not a folder; point it at a folder of images")
+    ids = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and (only is None or p.name in only)
+    )
+    if limit is not None:
+        ids = ids[:limit]
+    if not ids:
+        raise FeatreconError(
+            f"--images {root}: no images found (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return ids
+
+
+def holdout_score(image_id: str) -> float:
+    """A fixed number in [0, 1) per id: sha1 of the id, first 4 bytes, / 2**32."""
+    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:4], "big") / 2**32
+
+
+def assign_split(ids: list[str], holdout_fraction: float) -> np.ndarray:
+    """(N,) uint8: SPLIT_HOLDOUT where holdout_score(id) < holdout_fraction. Depends only on the id."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise FeatreconError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
+    return np.array([SPLIT_HOLDOUT if holdout_score(i) < holdout_fraction else SPLIT_TRAIN for i in ids], dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet wnids, sorted: position = torchvision class index."""
+    text = resources.files("featrecon").joinpath("imagenet_wnids.txt").read_text()
+    return text.split()
+
+
+def _read_devkit_labels(gt_path: Path, mapping_path: Path) -> list[int]:
+    """ILSVRC2012 validation ground truth (devkit ids, line i = image i) -> torchvision indices."""
+    if not mapping_path.is_file():
+        raise FeatreconError(
+            f"--class-map {mapping_path}: not found; the devkit ground truth needs the '<wnid> <devkit_id> <name>' "
+            "mapping (imagenet_class_mapping.txt) to become torchvision class indices")
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    devkit_to_index = {}
+    for line in mapping_path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in index:
+            devkit_to_index[int(parts[1])] = index[parts[0]]
+    out = []
+    for n, line in enumerate(gt_path.read_text().splitlines(), 1):
+        try:
+            out.append(devkit_to_index[int(line.strip())])
+        except (ValueError, KeyError):
+            raise FeatreconError(f"--labels {gt_path}: line {n} ({line.strip()!r}) is not a devkit id in {mapping_path}") from None
+    return out
+
+
+def _read_csv_labels(path: Path) -> dict[str, int]:
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    out = {}
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or (n == 1 and row[0].strip().lower() == "path"):
+                continue
+            if len(row) < 2:
+                raise FeatreconError(f"--labels {path}: line {n} needs 'path,label'")
+            key, label = row[0].strip(), row[1].strip()
+            if label in index:
+                out[key] = index[label]
+            else:
+                try:
+                    out[key] = int(label)
+                except ValueError:
+                    raise FeatreconError(f"--labels {path}: line {n}: label {label!r} is neither an integer nor a wnid") from None
+    return out
+
+
+def _is_devkit_ground_truth(path: Path) -> bool:
+    head = path.read_text().split(maxsplit=5)[:5]
+    return path.suffix.lower() != ".csv" and bool(head) and all(h.isdigit() for h in head)
+
+
+def labels_for(ids: list[str], labels_path: Path | None = None, class_map: Path | None = None) -> tuple[np.ndarray, str]:
+    """(N,) int32 torchvision class indices (-1 unknown) and a name for where they came from.
+
+    With `labels_path`: a CSV of path,label (label an index or a wnid, path the id or
+    the file name), or the ILSVRC2012 validation ground truth (devkit ids) joined via
+    `class_map` (default: imagenet_class_mapping.txt beside it). Without: a wnid
+    folder (ImageFolder layout) or a wnid at the start of the file name."""
+    labels = np.full(len(ids), -1, dtype=np.int32)
+    if labels_path is not None:
+        if not labels_path.is_file():
+            raise FeatreconError(f"--labels {labels_path}: file not found")
+        if _is_devkit_ground_truth(labels_path):
+            gt = _read_devkit_labels(labels_path, class_map or labels_path.parent / "imagenet_class_mapping.txt")
+            for i, image_id in enumerate(ids):
+                m = _ILSVRC_VAL.search(Path(image_id).name)
+                if m and 1 <= int(m.group(1)) <= len(gt):
+                    labels[i] = gt[int(m.group(1)) - 1]
+            return labels, "ilsvrc2012-devkit"
+        table = _read_csv_labels(labels_path)
+        for i, image_id in enumerate(ids):
+            labels[i] = table.get(image_id, table.get(Path(image_id).name, -1))
+        return labels, "csv"
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    sources = set()
+    for i, image_id in enumerate(ids):
+        parts = Path(image_id).parts
+        if len(parts) > 1 and parts[-2] in index:
+            labels[i] = index[parts[-2]]
+            sources.add("wnid-folder")
+        elif (m := _WNID.match(parts[-1])) and m.group(1) in index:
+            labels[i] = index[m.group(1)]
+            sources.add("wnid-filename")
+    return labels, "+".join(sorted(sources)) or "none"
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class ImageError(Exception):
+    """A source file that cannot be turned into an image (the message is the reason recorded)."""
+
+
+def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
+    """Decode, apply EXIF orientation, make RGB, resize + centre crop: (3, crop, crop) uint8."""
+    from PIL import Image, ImageOps
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette transparency, EXIF oddities
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im).convert("RGB")  # grayscale, CMYK, palette, alpha -> RGB
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except Exception as e:  # UnidentifiedImageError, truncated data, decompression bomb, ...
+        raise ImageError(f"{type(e).__name__}: {e}") from None
+    im = TF.resize(im, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
+    im = TF.center_crop(im, [pre.crop, pre.crop])
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Index -> (index, (3, H, W) uint8 tensor, reason). A bad file gives zeros and its reason."""
+
+    def __init__(self, root: Path, ids: list[str], indices: list[int], pre: Preprocessing):
+        self.root, self.ids, self.indices, self.pre = root, ids, indices, pre
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        try:
+            return i, torch.from_numpy(load_image(self.root / self.ids[i], self.pre)), ""
+        except ImageError as e:
+            return i, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), str(e) or "unreadable"
+
+
+def collate_images(batch):
+    """-> (B,) int64 indices, (B, 3, H, W) uint8, list of B reasons ('' = good)."""
+    idx, imgs, reasons = zip(*batch)
+    return torch.tensor(idx, dtype=torch.int64), torch.stack(imgs), list(reasons)

@@ -1,0 +1,312 @@
+"""Stage 1: one backbone pass over an image set into a feature cache.
+
+Three things run at once: DataLoader workers decode images, the main thread runs
+the truncated backbone, and a `ShardWriter` thread compresses and writes whole
+shards, so the forward never waits for the disk. A shard is marked done only
+after its data is written; a rerun with the same arguments recomputes the shards
+that are not done and leaves the rest alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import FeatreconError, __version__
+from . import schema as S
+from .backbone import FeatureExtractor, fingerprint, load_resnet50, preprocessing_for, resolve_device, resolve_layers
+from .data import (SAMPLE_IMAGES, ImageDataset, assign_split, collate_images, discover_images, labels_for,
+                   sample_images_root)
+from .schema import CacheMeta, Codec
+from .storage import CacheStore, create_cache, format_for, open_cache
+
+log = logging.getLogger(__name__)
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    out: Path  # cache path: a .zarr folder, or a .h5 file
+    images: Path | None = None  # source folder; None = scikit-image's bundled sample photos
+    layers: str = "all"  # all, or comma list of stem/layer1..4/torchvision node names
+    weights: str = "auto"  # see backbone.WEIGHTS_HELP
+    size: int | None = None  # crop size; None = the weights' own (224)
+    dtype: str = "float16"  # stored feature dtype
+    codec: str = "zstd:1"  # compression, see schema.CODEC_CHOICES
+    fmt: str | None = None  # "zarr" or "hdf5"; None = from the suffix of `out`
+    batch_size: int = 8  # images per forward (8-16 is fastest on a CPU)
+    workers: int = 2  # DataLoader decode processes (0 = decode in the main process)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    autocast: str = "none"  # none, bf16 or fp16 compute
+    channels_last: bool = True  # NHWC convolutions: about 1.5x faster on CPU and GPU
+    holdout_fraction: float = 0.1  # share of ids (by hash) held out for scoring
+    labels: Path | None = None  # CSV path,label or the ILSVRC2012 devkit ground truth
+    class_map: Path | None = None  # devkit id -> wnid mapping for the ground truth file
+    limit: int | None = None  # only the first N images (sorted ids)
+    overwrite: bool = False  # replace an existing cache instead of resuming it
+    shard_size: int = S.DEFAULT_SHARD_SIZE  # samples per shard / per write
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    n: int  # samples in the cache
+    done: int  # written and valid
+    skipped: dict[str, str]  # id -> reason
+    overflow: dict[str, int]  # layer -> values that overflowed float16 (stored as inf)
+    processed: int  # images run through the backbone in this call
+    seconds: float  # wall time of the decode/forward/write loop in this call
+    weights: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _source(cfg: ExtractConfig) -> tuple[Path, list[str]]:
+    if cfg.images is None:
+        root = sample_images_root()
+        return root, discover_images(root, cfg.limit, only=SAMPLE_IMAGES)
+    root = cfg.images.expanduser().resolve()
+    return root, discover_images(root, cfg.limit)
+
+
+def _check_config(cfg: ExtractConfig) -> None:
+    if cfg.dtype not in S.FEATURE_DTYPES:
+        raise FeatreconError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(S.FEATURE_DTYPES)}")
+    Codec.parse(cfg.codec)
+    format_for(cfg.out, cfg.fmt)
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise FeatreconError("--batch-size and --shard-size must be at least 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise FeatreconError(f"--limit {cfg.limit}: must be at least 1")
+
+
+def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, weights_fp: str, pre,
+               root: Path, ids: list[str], label_source: str) -> CacheMeta:
+    return CacheMeta(
+        n=len(ids), layers=extractor.layer_shapes(pre.crop), nodes=dict(extractor.layers), weights=weights,
+        weights_fingerprint=weights_fp, preprocessing=pre, dtype=cfg.dtype, codec=str(Codec.parse(cfg.codec)),
+        autocast=cfg.autocast, source_root=str(root), holdout_fraction=cfg.holdout_fraction,
+        ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), shard_size=cfg.shard_size,
+        label_source=label_source, tool_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> CacheStore:
+    """Resume a compatible cache at cfg.out, or create one. Never mixes settings silently."""
+    out = cfg.out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FeatreconError(f"--out {out}: cannot create its folder ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise FeatreconError(f"--out {out}: folder {out.parent} is not writable; choose another --out")
+    if out.exists() and not cfg.overwrite:
+        store = open_cache(out, "r+", cfg.fmt)
+        old, new = store.meta.identity(), meta.identity()
+        diffs = [k for k in new if old.get(k) != new[k]]
+        if diffs:
+            store.close()
+            raise FeatreconError(
+                f"--out {out} holds a cache made with other settings ({', '.join(diffs)} differ); "
+                "pass --overwrite to replace it, or choose another --out")
+        for partial in out.rglob("*.partial") if out.is_dir() else []:
+            partial.unlink()  # temp files of a write that was killed
+        return store
+    return create_cache(out, meta, ids, labels, split, cfg.fmt)
+
+
+class ShardWriter(threading.Thread):
+    """Collects samples into shard buffers and writes each shard whole, off the main thread."""
+
+    def __init__(self, store: CacheStore, shards: list[int], max_batches: int = 8):
+        super().__init__(daemon=True, name="shard-writer")
+        self.store, self.meta = store, store.meta
+        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.write_seconds = 0.0
+        self._buffers: dict[int, dict] = {}
+        self._expected = {k: self.meta.shard_bounds(k) for k in shards}
+        self._shapes = {S.IMAGES: self.meta.image_shape,
+                        **{S.feature_path(l): tuple(s) for l, s in self.meta.layers.items()}}
+        self._dtypes = {S.IMAGES: np.uint8, **{S.feature_path(l): np.dtype(self.meta.dtype) for l in self.meta.layers}}
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self._buffers:
+            raise RuntimeError(f"shards {sorted(self._buffers)} never completed")
+
+    def run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                self._add(*item)
+        except BaseException as e:  # handed to the main thread by put()/finish()
+            self.error = e
+            while True:  # drain, so the producer is never stuck on a full queue
+                try:
+                    if self.queue.get(timeout=1) is None:
+                        return
+                except queue.Empty:
+                    return
+
+    def _buffer(self, k: int) -> dict:
+        if k not in self._buffers:
+            start, stop = self._expected[k]
+            n = stop - start
+            self._buffers[k] = {
+                "arrays": {name: np.zeros((n, *shape), self._dtypes[name]) for name, shape in self._shapes.items()},
+                "status": np.zeros(n, np.uint8), "skipped": {}, "overflow": {}, "left": n,
+            }
+        return self._buffers[k]
+
+    def _add(self, indices: np.ndarray, arrays: dict[str, np.ndarray], reasons: list[str],
+             overflow: dict[str, np.ndarray], ids: list[str]) -> None:
+        for j, i in enumerate(indices.tolist()):
+            k = i // self.meta.shard_size
+            buf, r = self._buffer(k), i - self._expected[k][0]
+            if reasons[j]:
+                buf["status"][r] = S.STATUS_SKIPPED  # arrays stay zero for a skipped file
+                buf["skipped"][ids[j]] = reasons[j]
+            else:
+                for name, a in arrays.items():
+                    buf["arrays"][name][r] = a[j]
+                buf["status"][r] = S.STATUS_DONE
+                for layer, counts in overflow.items():
+                    if counts[j]:
+                        buf["overflow"][layer] = buf["overflow"].get(layer, 0) + int(counts[j])
+            buf["left"] -= 1
+            if buf["left"] == 0:
+                t0 = time.perf_counter()
+                self.store.write_shard(k, buf["arrays"], buf["status"], buf["skipped"], buf["overflow"])
+                self.write_seconds += time.perf_counter() - t0
+                self.written += 1
+                del self._buffers[k]
+
+
+def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Cast to the stored dtype on the device, count per-sample float16 overflow, move to host."""
+    arrays, overflow = {}, {}
+    for layer, v in features.items():
+        if dtype == "float16":
+            h = v.to(torch.float16)
+            overflow[layer] = (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1).cpu().numpy()
+        else:
+            h = v.to(torch.float32)
+        arrays[S.feature_path(layer)] = h.contiguous().cpu().numpy()  # (B, C, H, W), NCHW on disk
+    return arrays, overflow
+
+
+def _disk_error(e: OSError, out: Path) -> FeatreconError:
+    if e.errno == errno.ENOSPC:
+        return FeatreconError(f"--out {out}: disk full while writing; free space and rerun the same command "
+                              "(finished shards are kept and the run resumes)")
+    return FeatreconError(f"--out {out}: write failed ({e.strerror or e}); rerun the same command to resume")
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is PIL work; leave the cores to the forward
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run the backbone over the images of `cfg` and fill (or resume) the cache at `cfg.out`."""
+    _check_config(cfg)
+    root, ids = _source(cfg)
+    labels, label_source = labels_for(ids, cfg.labels, cfg.class_map)
+    split = assign_split(ids, cfg.holdout_fraction)
+    device = resolve_device(cfg.device)
+    model, weights = load_resnet50(cfg.weights)
+    weights_fp = fingerprint(model)
+    pre = preprocessing_for(weights, cfg.size)  # the recorded name: the weights' own recipe, else 256/224
+    extractor = FeatureExtractor(model, resolve_layers(cfg.layers, model), pre, cfg.channels_last, cfg.autocast).to(device)
+    meta = build_meta(cfg, extractor, weights, weights_fp, pre, root, ids, label_source)
+    store = open_or_create(cfg, meta, ids, labels, split)
+    try:
+        return _run(cfg, store, extractor, device, root, ids)
+    finally:
+        store.close()
+
+
+def pending_shards(store: CacheStore) -> list[int]:
+    status = store.status()
+    return [k for k in store.meta.shards() if (status[slice(*store.meta.shard_bounds(k))] == S.STATUS_PENDING).any()]
+
+
+def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, device: torch.device,
+         root: Path, ids: list[str]) -> ExtractResult:
+    meta = store.meta
+    shards = pending_shards(store)
+    indices = [i for k in shards for i in range(*meta.shard_bounds(k))]
+    if len(shards) < len(meta.shards()):
+        log.info("resuming %s: %d of %d shards already written", cfg.out, len(meta.shards()) - len(shards), len(meta.shards()))
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(root, ids, indices, meta.preprocessing), batch_size=cfg.batch_size, shuffle=False,
+        num_workers=cfg.workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if cfg.workers else None, prefetch_factor=4 if cfg.workers else None)
+    batches = iter(loader)  # fork the workers before the writer thread exists
+    writer = ShardWriter(store, shards)
+    writer.start()
+    t0, forward_s = time.perf_counter(), 0.0
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract {cfg.out.name}", disable=not cfg.progress, smoothing=0.1)
+    try:
+        for idx, images, reasons in batches:
+            tf = time.perf_counter()
+            feats = extractor(images.to(device, non_blocking=True))
+            arrays, overflow = to_storage(feats, meta.dtype)
+            arrays[S.IMAGES] = images.numpy()
+            forward_s += time.perf_counter() - tf
+            writer.put((idx.numpy(), arrays, reasons, overflow, [ids[i] for i in idx.tolist()]))
+            bar.update(len(idx))
+        writer.finish()
+    except OSError as e:
+        raise _disk_error(e, cfg.out) from None
+    finally:
+        bar.close()
+        del batches
+    seconds = time.perf_counter() - t0
+    status = store.status()
+    result = ExtractResult(
+        path=cfg.out, n=meta.n, done=int((status == S.STATUS_DONE).sum()), skipped=store.skipped(),
+        overflow=store.overflow_totals(), processed=len(indices), seconds=seconds, weights=meta.weights,
+        stats={"forward_seconds": forward_s, "write_seconds": writer.write_seconds, "shards_written": writer.written})
+    _report(result)
+    return result
+
+
+def _report(r: ExtractResult) -> None:
+    log.info("%s: %d of %d samples done, %d skipped; %d images in %.1f s (%.1f images/s)",
+             r.path, r.done, r.n, len(r.skipped), r.processed, r.seconds, r.images_per_s)
+    for image_id, reason in list(r.skipped.items())[:10]:
+        log.warning("skipped %s: %s", image_id, reason)
+    if len(r.skipped) > 10:
+        log.warning("... and %d more skipped files (listed in the cache's '%s' attribute)", len(r.skipped) - 10, S.SKIPPED_ATTR)
+    for layer, n in r.overflow.items():
+        log.warning("%s: %d values exceeded float16's range (stored as inf); consider --dtype float32", layer, n)

@@ -1,0 +1,154 @@
+"""The feature cache's on-disk format, in one place.
+
+Both backends (Zarr v3 and HDF5, see `storage`) obey what is declared here, and
+`storage_schema.md` describes the same layout for people reading a cache with
+plain zarr or h5py. Change the layout only together with `SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from . import FeatreconError
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "featrecon-cache"
+
+# Array names (paths inside the Zarr group or HDF5 file).
+FEATURES = "features"  # group: one array per layer, features/<layer>, (N, C, H, W)
+IMAGES = "images"  # (N, 3, H, W) uint8: the preprocessed input, the decoders' target
+IDS = "ids"  # (N,) utf-8 string: path relative to the source root, posix separators
+LABELS = "labels"  # (N,) int32: torchvision ImageNet class index, -1 if unknown
+SPLIT = "split"  # (N,) uint8: SPLIT_TRAIN or SPLIT_HOLDOUT
+STATUS = "status"  # (N,) uint8: the done mask, STATUS_* below
+
+# Attribute keys on the root (Zarr: JSON values; HDF5: JSON-encoded strings).
+META_ATTR = "featrecon"  # CacheMeta.to_dict()
+SKIPPED_ATTR = "skipped"  # {id: reason} for files that could not be read
+OVERFLOW_ATTR = "overflow"  # {shard index: {layer: n values that overflowed the dtype}}
+
+STATUS_PENDING, STATUS_DONE, STATUS_SKIPPED = 0, 1, 2
+SPLIT_TRAIN, SPLIT_HOLDOUT = 0, 1
+SPLIT_NAMES = {"train": SPLIT_TRAIN, "holdout": SPLIT_HOLDOUT}
+
+# float16 by default (half the bytes; overflow past 65504 is counted, see OVERFLOW_ATTR).
+# No bfloat16: neither zarr v3 nor HDF5 has a portable type for it.
+FEATURE_DTYPES = ("float16", "float32")
+CODEC_CHOICES = ("zstd", "zstd:<level>", "lz4", "blosc-zstd", "none")
+DEFAULT_SHARD_SIZE = 32  # samples per shard (Zarr) and per write (both backends)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A compression choice that both backends can express."""
+
+    name: str  # "zstd", "lz4" (blosc, bit-shuffle), "blosc-zstd" (blosc, bit-shuffle), "none"
+    level: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Codec":
+        name, _, level = text.partition(":")
+        if name not in ("zstd", "lz4", "blosc-zstd", "none"):
+            raise FeatreconError(f"--codec {text!r}: unknown codec; choose one of {', '.join(CODEC_CHOICES)}")
+        try:
+            lvl = int(level) if level else (1 if name == "zstd" else 5)
+        except ValueError:
+            raise FeatreconError(f"--codec {text!r}: the level after ':' must be an integer") from None
+        return cls(name, lvl)
+
+    def __str__(self) -> str:
+        return "none" if self.name == "none" else f"{self.name}:{self.level}"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a source image becomes the network input (recorded in the cache)."""
+
+    resize: int  # shorter side resized to this (bilinear, antialiased)
+    crop: int  # then centre-cropped to crop x crop
+    mean: tuple[float, float, float]  # normalisation applied on the device, after /255
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Everything a later stage needs to know about a cache, stored in its root attributes."""
+
+    n: int  # number of samples (files found), including skipped ones
+    layers: dict[str, list[int]]  # layer name -> [C, H, W]
+    nodes: dict[str, str]  # layer name -> torchvision graph node it was taken from
+    weights: str  # torchvision weights name, state-dict path or "random:<seed>"
+    weights_fingerprint: str  # sha256 of the state dict (see backbone.fingerprint)
+    preprocessing: Preprocessing
+    dtype: str  # feature dtype, one of FEATURE_DTYPES
+    codec: str  # str(Codec)
+    autocast: str  # "none", "bf16" or "fp16": the compute precision of the forward
+    source_root: str  # absolute folder the ids are relative to
+    holdout_fraction: float  # split rule: sha1(id) as a fraction of 2**32 < this -> holdout
+    ids_sha256: str  # hash of the sorted id list: a rerun must see the same files
+    shard_size: int = DEFAULT_SHARD_SIZE
+    backbone: str = "resnet50"
+    label_source: str = "none"
+    tool_version: str = ""
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT_NAME
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.preprocessing.crop, self.preprocessing.crop)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheMeta":
+        if d.get("format") != FORMAT_NAME:
+            raise FeatreconError("not a featrecon cache (no featrecon metadata); was it written by extract-features?")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise FeatreconError(
+                f"cache has schema version {d.get('schema_version')}, this featrecon reads {SCHEMA_VERSION}; "
+                "re-extract it with this version"
+            )
+        d = dict(d)
+        p = d.pop("preprocessing")
+        pre = Preprocessing(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
+        return cls(preprocessing=pre, **d)
+
+    def identity(self) -> dict:
+        """The fields a resumed run must agree on; anything else may differ."""
+        keys = ("n", "layers", "nodes", "weights_fingerprint", "dtype", "codec", "autocast",
+                "holdout_fraction", "ids_sha256", "shard_size", "schema_version")
+        d = {k: getattr(self, k) for k in keys}
+        d["preprocessing"] = asdict(self.preprocessing)
+        return json.loads(json.dumps(d))  # tuples -> lists, so stored and fresh compare equal
+
+    def shards(self) -> range:
+        return range((self.n + self.shard_size - 1) // self.shard_size)
+
+    def shard_bounds(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min(self.n, (k + 1) * self.shard_size)
+
+
+def feature_fingerprint(meta: CacheMeta, layers: list[str]) -> str:
+    """What a decoder depends on: the weights, the preprocessing, the compute precision
+    and the shapes of the layers it reads. Two caches with equal fingerprints for a
+    layer give the same features for the same image, whatever their paths."""
+    missing = [l for l in layers if l not in meta.layers]
+    if missing:
+        raise FeatreconError(f"layer(s) {', '.join(missing)} not in the cache; cached layers: {', '.join(meta.layers)}")
+    payload = {
+        "weights": meta.weights_fingerprint,
+        "preprocessing": asdict(meta.preprocessing),
+        "autocast": meta.autocast,
+        "layers": {l: list(meta.layers[l]) for l in layers},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def feature_path(layer: str) -> str:
+    return f"{FEATURES}/{layer}"

@@ -1,0 +1,298 @@
+"""Zarr v3 and HDF5 backends of the feature cache, behind one interface.
+
+The layout comes from `schema`; this module only knows how each library spells
+it. `open_cache` / `create_cache` pick the backend once, from the path or an
+explicit format. Writes go a whole shard at a time from one writer: zarr-python
+loses data when two writers touch parts of one shard, and a whole-shard write is
+what makes a killed run resumable (a shard is either fully written and marked
+done, or recomputed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from . import FeatreconError
+from . import schema as S
+from .schema import CacheMeta, Codec
+
+FORMATS = ("zarr", "hdf5")
+_H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The backend for a path: `fmt` if given, else HDF5 for .h5/.hdf5, else Zarr."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise FeatreconError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        return fmt
+    return "hdf5" if Path(path).suffix.lower() in _H5_SUFFIXES else "zarr"
+
+
+class CacheStore(ABC):
+    """A feature cache on disk. Arrays are addressed by schema name (`images`, `features/layer3`)."""
+
+    path: Path
+    meta: CacheMeta
+
+    @abstractmethod
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of an (N, ...) array, decompressed."""
+
+    @abstractmethod
+    def read_all(self, name: str) -> np.ndarray:
+        """A whole small array (ids, labels, split, status)."""
+
+    @abstractmethod
+    def attr(self, key: str, default=None):
+        """A root attribute, JSON-decoded."""
+
+    @abstractmethod
+    def _write_arrays(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None: ...
+
+    @abstractmethod
+    def _set_attrs(self, updates: dict) -> None: ...
+
+    @abstractmethod
+    def _write_status(self, start: int, stop: int, status: np.ndarray) -> None: ...
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def write_shard(self, k: int, arrays: dict[str, np.ndarray], status: np.ndarray,
+                    skipped: dict[str, str], overflow: dict[str, int]) -> None:
+        """Write shard k whole. Order matters for crash safety: data, then the
+        bookkeeping attributes (keyed, so rewriting a shard is idempotent), then the
+        status that marks the shard done."""
+        start, stop = self.meta.shard_bounds(k)
+        self._write_arrays(start, stop, arrays)
+        updates = {}
+        if skipped:
+            updates[S.SKIPPED_ATTR] = {**self.attr(S.SKIPPED_ATTR, {}), **skipped}
+        old_over = self.attr(S.OVERFLOW_ATTR, {})
+        if overflow or str(k) in old_over:
+            over = {**old_over, str(k): overflow}
+            updates[S.OVERFLOW_ATTR] = {key: v for key, v in over.items() if v}
+        if updates:
+            self._set_attrs(updates)
+        self._write_status(start, stop, status)
+
+    # Convenience views used by every stage.
+    def status(self) -> np.ndarray:
+        return self.read_all(S.STATUS)
+
+    def ids(self) -> list[str]:
+        return [str(x) for x in self.read_all(S.IDS)]
+
+    def skipped(self) -> dict[str, str]:
+        return self.attr(S.SKIPPED_ATTR, {})
+
+    def overflow_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for per_layer in self.attr(S.OVERFLOW_ATTR, {}).values():
+            for layer, n in per_layer.items():
+                totals[layer] = totals.get(layer, 0) + int(n)
+        return totals
+
+
+def _array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (per-sample shape, dtype) of every per-sample array."""
+    out = {S.IMAGES: (meta.image_shape, "uint8")}
+    for layer, shape in meta.layers.items():
+        out[S.feature_path(layer)] = (tuple(shape), meta.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- Zarr
+
+
+def _zarr_compressors(codec: Codec):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec.name == "none":
+        return None
+    if codec.name == "zstd":
+        return ZstdCodec(level=codec.level)
+    cname = "lz4" if codec.name == "lz4" else "zstd"
+    return BloscCodec(cname=cname, clevel=codec.level, shuffle="bitshuffle")
+
+
+class ZarrCacheStore(CacheStore):
+    def __init__(self, path: Path, mode: str):
+        import zarr
+
+        self.path = path
+        try:
+            self.group = zarr.open_group(str(path), mode=mode)
+        except (FileNotFoundError, zarr.errors.BaseZarrError):
+            raise FeatreconError(f"{path}: no Zarr cache here; run extract-features first") from None
+        meta = self.group.attrs.get(S.META_ATTR)
+        if meta is None:
+            raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
+        self.meta = CacheMeta.from_dict(meta)
+
+    @classmethod
+    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "ZarrCacheStore":
+        import zarr
+
+        g = zarr.open_group(str(path), mode="w")
+        comp = _zarr_compressors(Codec.parse(meta.codec))
+        n, s = meta.n, meta.shard_size
+        for name, (shape, dtype) in _array_layout(meta).items():
+            g.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *shape),
+                           shards=(s, *shape), compressors=comp, fill_value=0)
+        small = max(1, min(n, 1 << 16))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # variable-length strings are a zarr v3 extension
+            g.create_array(S.IDS, shape=(n,), dtype=str, chunks=(small,))
+        g[S.IDS][:] = np.array(ids, dtype=object)
+        g.create_array(S.LABELS, shape=(n,), dtype="int32", chunks=(small,))[:] = labels
+        g.create_array(S.SPLIT, shape=(n,), dtype="uint8", chunks=(small,))[:] = split
+        # One status chunk per shard, so marking a shard done rewrites one small object.
+        g.create_array(S.STATUS, shape=(n,), dtype="uint8", chunks=(s,), fill_value=S.STATUS_PENDING)
+        # The metadata goes last: a cache without it is visibly unfinished and is recreated.
+        g.attrs.update({S.SKIPPED_ATTR: {}, S.OVERFLOW_ATTR: {}, S.META_ATTR: meta.to_dict()})
+        return cls(path, "r+")
+
+    def read(self, name, start, stop):
+        return self.group[name][start:stop]
+
+    def read_all(self, name):
+        return self.group[name][:]
+
+    def attr(self, key, default=None):
+        return self.group.attrs.get(key, default)
+
+    def _write_arrays(self, start, stop, arrays):
+        for name, value in arrays.items():
+            self.group[name][start:stop] = value
+
+    def _set_attrs(self, updates):
+        self.group.attrs.update(updates)
+
+    def _write_status(self, start, stop, status):
+        self.group[S.STATUS][start:stop] = status
+
+
+# ----------------------------------------------------------------------------- HDF5
+
+
+def _h5_filter(codec: Codec) -> dict:
+    import hdf5plugin
+
+    if codec.name == "none":
+        return {}
+    if codec.name == "zstd":
+        return dict(hdf5plugin.Zstd(clevel=codec.level))
+    cname = "lz4" if codec.name == "lz4" else "zstd"
+    return dict(hdf5plugin.Blosc(cname=cname, clevel=codec.level, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+
+
+class H5CacheStore(CacheStore):
+    """HDF5 backend. HDF5 is not crash-safe the way per-chunk files are: we flush
+    after every shard, so a kill between shards leaves a good file, but a kill
+    inside a write can damage it; `open_cache` then says so plainly."""
+
+    def __init__(self, path: Path, mode: str):
+        import h5py
+        import hdf5plugin  # noqa: F401  (registers the zstd/blosc filters)
+
+        self.path = path
+        if not path.exists():
+            raise FeatreconError(f"{path}: no HDF5 cache here; run extract-features first")
+        try:
+            self.file = h5py.File(path, mode, locking=False)
+        except OSError as e:
+            raise FeatreconError(
+                f"{path}: HDF5 file cannot be opened ({str(e).splitlines()[0]}); if a run was killed while "
+                "writing it, rerun with --overwrite (Zarr caches survive kills)") from None
+        raw = self.file.attrs.get(S.META_ATTR)
+        if raw is None:
+            self.file.close()
+            raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
+        self.meta = CacheMeta.from_dict(json.loads(raw))
+
+    @classmethod
+    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "H5CacheStore":
+        import h5py
+
+        filt = _h5_filter(Codec.parse(meta.codec))
+        with h5py.File(path, "w", libver="latest") as f:
+            for name, (shape, dtype) in _array_layout(meta).items():
+                f.create_dataset(name, shape=(meta.n, *shape), dtype=dtype, chunks=(1, *shape), fillvalue=0, **filt)
+            f.create_dataset(S.IDS, data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset(S.LABELS, data=labels.astype("int32"))
+            f.create_dataset(S.SPLIT, data=split.astype("uint8"))
+            f.create_dataset(S.STATUS, shape=(meta.n,), dtype="uint8", fillvalue=S.STATUS_PENDING)
+            f.attrs[S.SKIPPED_ATTR] = "{}"
+            f.attrs[S.OVERFLOW_ATTR] = "{}"
+            f.attrs[S.META_ATTR] = json.dumps(meta.to_dict())
+        return cls(path, "r+")
+
+    def read(self, name, start, stop):
+        return self.file[name][start:stop]
+
+    def read_all(self, name):
+        ds = self.file[name]
+        return ds.asstr()[:] if name == S.IDS else ds[:]
+
+    def attr(self, key, default=None):
+        raw = self.file.attrs.get(key)
+        return default if raw is None else json.loads(raw)
+
+    def _write_arrays(self, start, stop, arrays):
+        for name, value in arrays.items():
+            self.file[name][start:stop] = value
+
+    def _set_attrs(self, updates):
+        for key, value in updates.items():
+            self.file.attrs[key] = json.dumps(value)
+
+    def _write_status(self, start, stop, status):
+        self.file[S.STATUS][start:stop] = status
+        self.file.flush()
+
+    def close(self):
+        if self.file.id.valid:
+            self.file.close()
+
+
+_BACKENDS: dict[str, type[CacheStore]] = {"zarr": ZarrCacheStore, "hdf5": H5CacheStore}
+
+
+def open_cache(path: str | os.PathLike, mode: str = "r", fmt: str | None = None) -> CacheStore:
+    """Open an existing cache for reading ("r") or resuming ("r+")."""
+    path = Path(path)
+    if not path.exists():
+        raise FeatreconError(f"{path}: no cache here; run extract-features --out {path} first")
+    if fmt is None:
+        fmt = "zarr" if path.is_dir() else "hdf5"
+    return _BACKENDS[format_for(path, fmt)](path, mode)
+
+
+def create_cache(path: str | os.PathLike, meta: CacheMeta, ids: list[str], labels: np.ndarray,
+                 split: np.ndarray, fmt: str | None = None) -> CacheStore:
+    """Create a fresh cache at `path`, replacing whatever is there."""
+    path = Path(path)
+    remove_cache(path)
+    return _BACKENDS[format_for(path, fmt)].create(path, meta, ids, labels, split)
+
+
+def remove_cache(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
