@@ -1,0 +1,161 @@
+"""Console commands: parse, build the stage's config, call the library.
+
+Heavy imports (torch, zarr) happen after parsing, so `--help` is instant.
+A `FeatreconError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _run(prog: str, fn, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from . import FeatreconError
+
+    try:
+        fn(args)
+    except FeatreconError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; what was written is kept, and the same command resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------- extract-features
+
+
+def extract_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extract-features", description=(
+        "Run a torchvision ResNet-50 once over a folder of images and cache every requested layer's "
+        "activations, the preprocessed images, ids, labels and a train/holdout split."))
+    p.add_argument("--images", type=Path, help="folder of images, searched recursively "
+                   "(default: the sample photos bundled with scikit-image)")
+    p.add_argument("--layers", default="all", help="all, or a comma list of stem, layer1..layer4 or torchvision node names")
+    p.add_argument("--out", type=Path, default=Path("cache.zarr"), help="cache to write: a .zarr folder or a .h5 file")
+    p.add_argument("--format", dest="fmt", choices=["zarr", "hdf5"], help="default: from the --out suffix (.h5 -> hdf5)")
+    p.add_argument("--weights", default="auto", help="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, a state-dict path, "
+                   "random[:SEED], or auto (IMAGENET1K_V2; random:0 with a warning when it cannot be downloaded)")
+    p.add_argument("--size", type=int, help="crop size in pixels (default: the weights' own, 224)")
+    p.add_argument("--dtype", default="float16", help="stored feature dtype: float16 or float32")
+    p.add_argument("--codec", default="zstd:1", help="zstd[:LEVEL], lz4 (blosc, bit-shuffle), blosc-zstd, none")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="reduced-precision forward")
+    p.add_argument("--no-channels-last", action="store_true", help="contiguous NCHW convolutions (slower)")
+    p.add_argument("--holdout-fraction", type=float, default=0.1)
+    p.add_argument("--labels", type=Path, help="CSV of path,label, or ILSVRC2012_validation_ground_truth.txt")
+    p.add_argument("--class-map", type=Path, help="devkit mapping for the ground truth "
+                   "(default: imagenet_class_mapping.txt beside it)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--shard-size", type=int, default=32, help="samples per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache instead of resuming it")
+    _common(p)
+    return p
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from .extract import ExtractConfig, extract
+
+    extract(ExtractConfig(
+        out=args.out, images=args.images, layers=args.layers, weights=args.weights, size=args.size,
+        dtype=args.dtype, codec=args.codec, fmt=args.fmt, batch_size=args.batch_size, workers=args.workers,
+        device=args.device, autocast=args.autocast, channels_last=not args.no_channels_last,
+        holdout_fraction=args.holdout_fraction, labels=args.labels, class_map=args.class_map, limit=args.limit,
+        overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress))
+
+
+def extract_main(argv: list[str] | None = None) -> int:
+    return _run("extract-features", _extract, extract_parser().parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- train-decoder
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train-decoder", description=(
+        "Train a decoder that reconstructs the image from one or several cached layers. "
+        "Reads only the cache: the backbone never runs and no image file is decoded."))
+    p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
+    p.add_argument("--layer", required=True, help="a cached layer, or a comma list to fuse (layer2,layer3)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<layer>)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
+    p.add_argument("--width", type=int, default=256, help="channels after the input projection (halved per stage)")
+    p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
+    p.add_argument("--loss", default="mse", choices=["mse", "l1", "mse+ssim"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--in-memory", default="auto", choices=["auto", "yes", "no"],
+                   help="load the training arrays into RAM once (auto: when they fit comfortably)")
+    p.add_argument("--prefetch", type=int, default=4, help="shards read ahead by background threads")
+    p.add_argument("--eval-samples", type=int, default=64, help="fixed train subset for the per-epoch PSNR")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last.pt")
+    p.add_argument("--allow-partial", action="store_true", help="train on the done samples of an unfinished cache")
+    _common(p)
+    return p
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, fit
+
+    layers = tuple(s.strip() for s in args.layer.split(",") if s.strip())
+    out = args.out or Path("runs") / "+".join(layers)
+    fit(TrainConfig(
+        cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, loss=args.loss,
+        seed=args.seed, device=args.device, amp=args.amp, in_memory=args.in_memory, prefetch=args.prefetch,
+        eval_samples=args.eval_samples, resume=args.resume, allow_partial=args.allow_partial,
+        progress=not args.no_progress))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _run("train-decoder", _train, train_parser().parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="score", description=(
+        "Score every decoder on a split of the cache: MSE, PSNR and SSIM on [0,1] RGB images, "
+        "side-by-side PNGs and a grid across depths."))
+    p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder searched for run checkpoints")
+    p.add_argument("--checkpoint", type=Path, action="append", help="score these checkpoints instead (repeatable)")
+    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of each run folder")
+    p.add_argument("--split", default="holdout", help="holdout, train or all")
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--images", type=Path, help="source folder of the originals (default: the one recorded in the cache)")
+    p.add_argument("--save", type=int, default=8, help="images saved as original_X.png / reconstruction_X.png per run")
+    p.add_argument("--batch-size", type=int, default=16)
+    _common(p)
+    return p
+
+
+def _score(args: argparse.Namespace) -> None:
+    from .evaluate import ScoreConfig, score
+
+    score(ScoreConfig(
+        cache=args.cache, runs=args.runs, checkpoints=tuple(args.checkpoint or ()), which=args.which,
+        split=args.split, out=args.out, images=args.images, save=args.save, batch_size=args.batch_size,
+        device=args.device, progress=not args.no_progress))
+
+
+def score_main(argv: list[str] | None = None) -> int:
+    return _run("score", _score, score_parser().parse_args(argv))

@@ -1,0 +1,236 @@
+"""extract-features: features equal a direct torchvision forward, resume after a real
+kill, bad input handled, settings never mixed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from featrecon import FeatreconError
+from featrecon import schema as S
+from featrecon.backbone import load_resnet50
+from featrecon.extract import ExtractConfig, extract
+from featrecon.storage import open_cache
+
+from conftest import SIZE, direct_forward, make_image_folder
+
+
+def cfg(out: Path, images: Path, **kw) -> ExtractConfig:
+    base = dict(weights="random:0", size=SIZE, workers=0, batch_size=4, shard_size=4, progress=False)
+    base.update(kw)
+    return ExtractConfig(out=out, images=images, **base)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_features_equal_direct_torchvision_forward(tmp_path, photo_dir, suffix):
+    out = tmp_path / f"cache{suffix}"
+    result = extract(cfg(out, photo_dir, layers="all"))
+    assert result.done == len(list(photo_dir.iterdir())) and not result.skipped
+    model, _ = load_resnet50("random:0")
+    with open_cache(out) as store:
+        images = store.read(S.IMAGES, 0, store.meta.n)
+        ids = store.ids()
+        # The cached images are torchvision's own resize + centre crop of the files.
+        ref_tf = T.Compose([T.Resize(round(SIZE * 256 / 224)), T.CenterCrop(SIZE), T.PILToTensor()])
+        for i, image_id in enumerate(ids):
+            expected = ref_tf(Image.open(photo_dir / image_id).convert("RGB")).numpy()
+            np.testing.assert_array_equal(images[i], expected, err_msg=image_id)
+        ref = direct_forward(model, images, list(S_LAYERS))
+        for layer in S_LAYERS:
+            got = store.read(S.feature_path(layer), 0, store.meta.n)
+            assert got.dtype == np.float16
+            assert list(got.shape[1:]) == store.meta.layers[layer]
+            scale = np.abs(ref[layer]).max()
+            np.testing.assert_allclose(got.astype(np.float32), ref[layer], rtol=1e-2, atol=2e-3 * scale, err_msg=layer)
+
+
+S_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def test_shapes_follow_the_strides_and_forward_stops_at_deepest(tmp_path, photo_dir):
+    out = tmp_path / "c.zarr"
+    extract(cfg(out, photo_dir, layers="layer2,stem", size=96, limit=2))
+    with open_cache(out) as store:
+        assert list(store.meta.layers) == ["stem", "layer2"]  # shallow to deep, whatever the order asked
+        assert store.meta.layers == {"stem": [64, 48, 48], "layer2": [512, 12, 12]}
+        assert store.meta.nodes == {"stem": "relu", "layer2": "layer2"}
+        assert store.read(S.IMAGES, 0, 2).shape == (2, 3, 96, 96)
+    from featrecon.backbone import FeatureExtractor, preprocessing_for, resolve_layers
+
+    model, _ = load_resnet50("random:0")
+    fx = FeatureExtractor(model, resolve_layers("layer2", model), preprocessing_for("random:0"))
+    assert not hasattr(fx.body, "layer3") and not hasattr(fx.body, "fc")
+
+
+def test_any_node_name_and_unknown_layer_lists_choices(tmp_path, photo_dir):
+    out = tmp_path / "c.zarr"
+    extract(cfg(out, photo_dir, layers="layer1.0.bn1", limit=2))
+    with open_cache(out) as store:
+        got = store.read(S.feature_path("layer1.0.bn1"), 0, 2).astype(np.float32)
+    model, _ = load_resnet50("random:0")
+    with open_cache(out) as store:
+        x = store.read(S.IMAGES, 0, 2)
+    t = (torch.from_numpy(x).float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        y = model.layer1[0].bn1(model.layer1[0].conv1(model.maxpool(model.relu(model.bn1(model.conv1(t))))))
+    # Before its ReLU: negative values must survive (the in-place ReLU trap).
+    assert (got < 0).any()
+    np.testing.assert_allclose(got, y.numpy(), rtol=1e-2, atol=2e-3 * float(y.abs().max()))
+    with pytest.raises(FeatreconError, match="unknown layer 'layer9'.*stem, layer1"):
+        extract(cfg(tmp_path / "d.zarr", photo_dir, layers="layer9"))
+
+
+def test_bad_files_are_skipped_and_odd_images_become_rgb(tmp_path, awkward_dir):
+    out = tmp_path / "c.zarr"
+    result = extract(cfg(out, awkward_dir, layers="layer1"))
+    assert set(result.skipped) == {"bad_empty.png", "bad_text.jpg", "bad_truncated.jpg"}
+    assert all(result.skipped.values())
+    with open_cache(out) as store:
+        ids, status = store.ids(), store.status()
+        assert "notes.txt" not in ids and "sub dir/ok_gray.JPG" in ids and "ok_it's_quoted.webp" in ids
+        for i, image_id in enumerate(ids):
+            expected = S.STATUS_SKIPPED if image_id.startswith("bad_") else S.STATUS_DONE
+            assert status[i] == expected, image_id
+        images = store.read(S.IMAGES, 0, len(ids))
+        feats = store.read(S.feature_path("layer1"), 0, len(ids))
+    by_id = dict(zip(ids, images))
+    gray = by_id["sub dir/ok_gray.JPG"]
+    assert np.array_equal(gray[0], gray[1]) and np.array_equal(gray[1], gray[2])  # gray -> 3 equal channels
+    for i, image_id in enumerate(ids):
+        if image_id.startswith("bad_"):
+            assert not images[i].any() and not feats[i].any()
+    # EXIF orientation 6 is applied: the stored image equals the upright, rotated photo.
+    src = Image.open(awkward_dir / "ok_exif_rotated.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    tf = T.Compose([T.Resize(round(SIZE * 256 / 224)), T.CenterCrop(SIZE), T.PILToTensor()])
+    np.testing.assert_array_equal(by_id["ok_exif_rotated.jpg"], tf(src).numpy())
+
+
+def test_rerun_resumes_only_missing_and_refuses_other_settings(tmp_path, photo_dir):
+    out = tmp_path / "c.zarr"
+    first = extract(cfg(out, photo_dir, layers="layer1"))
+    again = extract(cfg(out, photo_dir, layers="layer1"))
+    assert first.processed == first.n and again.processed == 0
+    for change in (dict(layers="layer2"), dict(size=96), dict(dtype="float32"), dict(weights="random:1")):
+        with pytest.raises(FeatreconError, match="other settings.*--overwrite"):
+            extract(cfg(out, photo_dir, **{"layers": "layer1", **change}))
+    replaced = extract(cfg(out, photo_dir, layers="layer2", overwrite=True))
+    assert replaced.processed == replaced.n
+    with open_cache(out) as store:
+        assert list(store.meta.layers) == ["layer2"]
+
+
+def test_input_errors_are_one_clear_line(tmp_path, photo_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FeatreconError, match="no images found"):
+        extract(cfg(tmp_path / "c.zarr", empty))
+    with pytest.raises(FeatreconError, match="does not exist"):
+        extract(cfg(tmp_path / "c.zarr", tmp_path / "nope"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FeatreconError, match="--out"):
+        extract(cfg(blocker / "c.zarr", photo_dir))
+    with pytest.raises(FeatreconError, match="--dtype"):
+        extract(cfg(tmp_path / "c.zarr", photo_dir, dtype="int8"))
+    with pytest.raises(FeatreconError, match="--codec"):
+        extract(cfg(tmp_path / "c.zarr", photo_dir, codec="gzip"))
+    with pytest.raises(FeatreconError, match="not a known name nor an existing file"):
+        extract(cfg(tmp_path / "c.zarr", photo_dir, weights="IMAGENET_V9"))
+
+
+def test_download_failure_names_the_alternatives(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(FeatreconError, match="could not download.*--weights PATH.*--weights random"):
+        load_resnet50("IMAGENET1K_V2")
+    model, name = load_resnet50("auto")  # falls back, and says what it used
+    assert name == "random:0"
+
+
+def test_disk_full_is_a_clear_error_and_keeps_finished_shards(tmp_path, photo_dir, monkeypatch):
+    from featrecon.storage import ZarrCacheStore
+
+    out = tmp_path / "c.zarr"
+    real = ZarrCacheStore._write_arrays
+    calls = {"n": 0}
+
+    def fill_up(self, start, stop, arrays):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, start, stop, arrays)
+
+    monkeypatch.setattr(ZarrCacheStore, "_write_arrays", fill_up)
+    with pytest.raises(FeatreconError, match="disk full.*rerun"):
+        extract(cfg(out, photo_dir, layers="layer1"))
+    monkeypatch.undo()
+    with open_cache(out) as store:
+        assert (store.status() == S.STATUS_DONE).sum() == 4  # the first shard survived
+    assert extract(cfg(out, photo_dir, layers="layer1")).processed == 2
+
+
+def test_float16_overflow_is_counted(tmp_path, photo_dir):
+    model, _ = load_resnet50("random:0")
+    sd = model.state_dict()
+    sd["conv1.weight"] = sd["conv1.weight"] * 1e5  # pushes the stem past 65504
+    wfile = tmp_path / "big.pt"
+    torch.save(sd, wfile)
+    result = extract(cfg(tmp_path / "c.zarr", photo_dir, layers="stem", weights=str(wfile), limit=2))
+    assert result.overflow.get("stem", 0) > 0
+    with open_cache(tmp_path / "c.zarr") as store:
+        stem = store.read(S.feature_path("stem"), 0, 2)
+        assert int(np.isinf(stem).sum()) == result.overflow["stem"]
+        assert store.meta.weights == str(wfile.resolve())
+
+
+def _status_count(out: Path) -> int:
+    import zarr
+
+    try:
+        return int((zarr.open_group(str(out), mode="r")[S.STATUS][:] > 0).sum())
+    except Exception:
+        return 0
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    images = make_image_folder(tmp_path / "imgs", copies=8)  # 48 images
+    args = ["--images", str(images), "--layers", "stem,layer3", "--weights", "random:0", "--size", str(SIZE),
+            "--workers", "0", "--batch-size", "2", "--shard-size", "4", "--no-progress"]
+    cmd = [sys.executable, "-m", "featrecon", "extract-features"]
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([*cmd, *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _status_count(killed) < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = _status_count(killed)
+    assert 0 < done_at_kill < 48, f"kill landed at {done_at_kill} of 48 samples; the test needs a run in progress"
+    subprocess.run([*cmd, *args, "--out", str(killed)], check=True, capture_output=True)
+    whole = tmp_path / "whole.zarr"
+    subprocess.run([*cmd, *args, "--out", str(whole)], check=True, capture_output=True)
+    with open_cache(killed) as a, open_cache(whole) as b:
+        assert a.ids() == b.ids()
+        for name in (S.IMAGES, S.feature_path("stem"), S.feature_path("layer3")):
+            np.testing.assert_array_equal(a.read(name, 0, 48), b.read(name, 0, 48), err_msg=name)
+        for name in (S.STATUS, S.LABELS, S.SPLIT):
+            np.testing.assert_array_equal(a.read_all(name), b.read_all(name), err_msg=name)
+    assert not list(killed.rglob("*.partial"))
