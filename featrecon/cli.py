@@ -96,7 +96,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
-    p.add_argument("--width", type=int, default=256, help="channels after the input projection (halved per stage)")
+    p.add_argument("--width", type=int, default=128, help="channels of the widest (coarsest) stage; halved per upsampling, down to width//8")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
     p.add_argument("--loss", default="mse", choices=["mse", "l1", "mse+ssim"])
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,114 @@
+"""Up-convolutional image decoders (after Dosovitskiy & Brox, "Inverting visual
+representations with convolutional networks", 2016). Modules and config only, no I/O.
+
+A decoder maps one or several cached layers to a (3, H, W) image in [0, 1]:
+input projection, then one x2 upsampling stage per factor of two of the layer's
+stride, then a 3x3 convolution and a sigmoid. Channels follow the resolution:
+`base_width` at full resolution, doubling per halving, capped at `width`, so the
+expensive full-resolution stages stay narrow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    layers: tuple[str, ...]  # cached layers read, shallow to deep
+    in_shapes: tuple[tuple[int, int, int], ...]  # (C, H, W) of each layer
+    out_size: tuple[int, int]  # (H, W) of the reconstructed image
+    width: int = 256  # widest stage (channels at coarse resolutions)
+    depth: int = 1  # residual blocks per upsampling stage
+    base_width: int = 32  # channels at full resolution
+
+    @property
+    def in_channels(self) -> int:
+        return sum(s[0] for s in self.in_shapes)
+
+    @property
+    def in_size(self) -> tuple[int, int]:
+        """Fused layers are resized to the largest spatial size among them."""
+        return max((s[1], s[2]) for s in self.in_shapes)
+
+    @property
+    def n_stages(self) -> int:
+        return max(0, round(math.log2(self.out_size[0] / self.in_size[0])))
+
+    def channels_at(self, stride: int) -> int:
+        return int(min(self.width, self.base_width * max(1, stride)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        d = dict(d)
+        d["layers"] = tuple(d["layers"])
+        d["in_shapes"] = tuple(tuple(s) for s in d["in_shapes"])
+        d["out_size"] = tuple(d["out_size"])
+        return cls(**d)
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, ch // 4) if ch >= 8 else 1, ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), _norm(ch), nn.GELU(),
+                                  nn.Conv2d(ch, ch, 3, padding=1), _norm(ch))
+
+    def forward(self, x):
+        return F.gelu(x + self.body(x))
+
+
+class UpStage(nn.Module):
+    """x2 nearest upsampling, 3x3 conv to the new width, then `depth` residual blocks."""
+
+    def __init__(self, cin: int, cout: int, depth: int):
+        super().__init__()
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1),
+                                _norm(cout), nn.GELU())
+        self.blocks = nn.Sequential(*[ResBlock(cout) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.up(x))
+
+
+class Decoder(nn.Module):
+    """features: list of (B, C_i, H_i, W_i) tensors in config order -> (B, 3, H, W) in [0, 1]."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        stride = round(cfg.out_size[0] / cfg.in_size[0])
+        ch = cfg.channels_at(stride)
+        self.proj = nn.Sequential(nn.Conv2d(cfg.in_channels, ch, 1), _norm(ch), nn.GELU(),
+                                  *[ResBlock(ch) for _ in range(cfg.depth)])
+        stages = []
+        for _ in range(cfg.n_stages):
+            stride = max(1, stride // 2)
+            stages.append(UpStage(ch, cfg.channels_at(stride), cfg.depth))
+            ch = cfg.channels_at(stride)
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def fuse(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = self.cfg.in_size
+        parts = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                 for f in feats]
+        return torch.cat(parts, dim=1)  # (B, sum C, H, W)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.stages(self.proj(self.fuse(feats)))
+        if tuple(x.shape[-2:]) != self.cfg.out_size:  # sizes that are not a power-of-two multiple
+            x = F.interpolate(x, size=self.cfg.out_size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.head(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

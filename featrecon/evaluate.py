@@ -1,0 +1,287 @@
+"""Stage 3: score decoders on a split of the cache, with pictures.
+
+`evaluate` (also used by training for its per-epoch PSNR) reconstructs samples
+and measures MSE, PSNR and SSIM on [0, 1] RGB at the cache's resolution. `score`
+finds checkpoints, checks each against the cache's feature fingerprint (the
+fingerprint decides, not the path), joins the original image files, adds the
+mean-training-image baseline and writes metrics.json, report.md, PNGs and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import FeatreconError
+from . import schema as S
+from .backbone import resolve_device
+from .checkpoint import decoder_from_checkpoint, load_checkpoint, write_json
+from .loader import CacheLoader
+from .metrics import check_unit_range, mse, psnr_from_mse, ssim, summarize
+from .storage import CacheStore, open_cache
+
+log = logging.getLogger(__name__)
+SPLITS = ("holdout", "train", "all")
+METRICS = ("mse", "psnr", "ssim")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    cache: Path = Path("cache.zarr")  # cache to score on (need not be the one trained on)
+    runs: Path = Path("runs")  # searched recursively for run folders
+    checkpoints: tuple[Path, ...] = ()  # explicit checkpoints instead of searching runs
+    which: str = "best"  # best.pt or last.pt of each run folder
+    split: str = "holdout"  # holdout, train or all
+    out: Path = Path("report")  # report folder
+    images: Path | None = None  # source root of the originals (default: recorded in the cache)
+    save: int = 8  # images per run saved as original_X.png / reconstruction_X.png
+    batch_size: int = 16
+    device: str = "auto"
+    progress: bool = True
+
+
+def measure(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-image metrics of [0, 1] images (B, 3, H, W)."""
+    check_unit_range(pred, target)
+    m = mse(pred, target)
+    return {"mse": m.double().cpu().numpy(), "psnr": psnr_from_mse(m).cpu().numpy(),
+            "ssim": ssim(pred.double(), target.double()).cpu().numpy()}
+
+
+@torch.no_grad()
+def evaluate(model, loader: CacheLoader, device: torch.device, keep: set[int] | None = None,
+             progress: bool = False, desc: str = "score") -> dict:
+    """Reconstruct every sample of `loader` and measure it. Returns per-image arrays
+    ('index', 'mse', 'psnr', 'ssim') and, for indices in `keep`, the uint8
+    reconstructions under 'kept' ({index: (3, H, W)})."""
+    model.eval()
+    parts: dict[str, list] = {k: [] for k in ("index", *METRICS)}
+    kept = {}
+    for batch in tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False):
+        feats = [f.to(device).float() for f in batch.features]
+        target = batch.images.to(device).float() / 255
+        pred = model(feats).float()
+        for k, v in measure(pred, target).items():
+            parts[k].append(v)
+        parts["index"].append(batch.indices)
+        for j, i in enumerate(batch.indices.tolist()):
+            if keep and i in keep:
+                kept[i] = (pred[j] * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    model.train()
+    out = {k: np.concatenate(v) if v else np.array([]) for k, v in parts.items()}
+    out["kept"] = kept
+    return out
+
+
+def split_indices(store: CacheStore, split: str) -> np.ndarray:
+    if split not in SPLITS:
+        raise FeatreconError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    status, sp = store.status(), store.read_all(S.SPLIT)
+    ok = status == S.STATUS_DONE
+    if split != "all":
+        ok &= sp == S.SPLIT_NAMES[split]
+    pending = int((status == S.STATUS_PENDING).sum())
+    if pending:
+        log.warning("%s is unfinished (%d of %d samples pending): scoring the %d done samples of the %s split",
+                    store.path, pending, store.meta.n, int(ok.sum()), split)
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        raise FeatreconError(f"--split {split}: no done samples in {store.path}; nothing to score")
+    return idx
+
+
+def find_checkpoints(cfg: ScoreConfig) -> list[tuple[str, Path]]:
+    """(run name, checkpoint path) pairs."""
+    if cfg.checkpoints:
+        for p in cfg.checkpoints:
+            if not p.is_file():
+                raise FeatreconError(f"--checkpoint {p}: file not found")
+        return [(p.parent.name if p.stem in ("best", "last") else p.stem, p) for p in cfg.checkpoints]
+    if not cfg.runs.is_dir():
+        raise FeatreconError(f"--runs {cfg.runs}: folder not found; train a decoder first "
+                             "(train-decoder --cache CACHE --layer layer3)")
+    found = []
+    for last in sorted(cfg.runs.rglob("last.pt")):
+        chosen = last.with_name(f"{cfg.which}.pt")
+        found.append((last.parent.relative_to(cfg.runs).as_posix() or last.parent.name, chosen if chosen.exists() else last))
+    if not found:
+        raise FeatreconError(f"--runs {cfg.runs}: no checkpoints found (no */last.pt); "
+                             "train one with train-decoder --cache CACHE --layer layer3")
+    return found
+
+
+def check_originals(store: CacheStore, idx: np.ndarray, root: Path, progress: bool) -> dict:
+    """Re-read each source file, re-apply the recorded preprocessing, compare with the cached target."""
+    from .data import ImageError, load_image
+
+    ids = store.ids()
+    counts = {"checked": 0, "equal": 0, "missing": 0, "changed": 0, "unreadable": 0}
+    problems = {}
+    for i in tqdm(idx.tolist(), desc="originals", unit="img", disable=not progress, leave=False):
+        counts["checked"] += 1
+        path = root / ids[i]
+        if not path.is_file():
+            counts["missing"] += 1
+            problems[ids[i]] = "missing"
+            continue
+        try:
+            img = load_image(path, store.meta.preprocessing)
+        except ImageError as e:
+            counts["unreadable"] += 1
+            problems[ids[i]] = f"unreadable: {e}"
+            continue
+        if np.array_equal(img, store.read(S.IMAGES, i, i + 1)[0]):
+            counts["equal"] += 1
+        else:
+            counts["changed"] += 1
+            problems[ids[i]] = "changed since extraction"
+    counts["problems"] = dict(list(problems.items())[:50])
+    return counts
+
+
+def mean_train_image(store: CacheStore) -> np.ndarray:
+    """Pixel-wise mean of the done train images, (3, H, W) float in [0, 1]."""
+    status, split = store.status(), store.read_all(S.SPLIT)
+    idx = np.flatnonzero((status == S.STATUS_DONE) & (split == S.SPLIT_TRAIN))
+    if len(idx) == 0:
+        idx = np.flatnonzero(status == S.STATUS_DONE)
+    loader = CacheLoader(store.path, (), idx, 64, shuffle=False, in_memory=False)
+    total = np.zeros(store.meta.image_shape, np.float64)
+    for b in loader.epoch(0):
+        total += b.images.double().sum(0).numpy()
+    loader.close()
+    return (total / len(idx) / 255).astype(np.float32)
+
+
+def score_baseline(store: CacheStore, idx: np.ndarray, batch_size: int) -> dict:
+    """The mean training image as a predictor of every scored image: the floor to beat."""
+    mean = torch.from_numpy(mean_train_image(store))
+    loader = CacheLoader(store.path, (), idx, batch_size, shuffle=False, in_memory=False)
+    parts = {k: [] for k in METRICS}
+    for b in loader.epoch(0):
+        target = b.images.float() / 255
+        for k, v in measure(mean.expand_as(target), target).items():
+            parts[k].append(v)
+    loader.close()
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Score every checkpoint on cfg.split of cfg.cache and write the report."""
+    device = resolve_device(cfg.device)
+    found = find_checkpoints(cfg)
+    store = open_cache(cfg.cache)
+    try:
+        idx = split_indices(store, cfg.split)
+        ckpts = [(name, path, _compatible(load_checkpoint(path), path, store)) for name, path in found]
+        keep = set(idx[: max(0, cfg.save)].tolist())
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        rows, recon = [], {}
+        for name, path, ckpt in ckpts:
+            model = decoder_from_checkpoint(ckpt).to(device)
+            loader = CacheLoader(store.path, tuple(ckpt["layers"]), idx, cfg.batch_size, shuffle=False, in_memory=False)
+            res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}")
+            loader.close()
+            recon[name] = res["kept"]
+            rows.append(_row(name, path, ckpt, res))
+            _save_pairs(store, cfg.out / _safe(name), res["kept"])
+        base = score_baseline(store, idx, cfg.batch_size)
+        baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0, "n": len(idx),
+                    **{k: summarize(v) for k, v in base.items()}}
+        originals = check_originals(store, idx, cfg.images.resolve() if cfg.images else Path(store.meta.source_root),
+                                    cfg.progress)
+        report = _write_report(cfg, store, rows, baseline, originals, idx, recon)
+    finally:
+        store.close()
+    return report
+
+
+def _compatible(ckpt: dict, path: Path, store: CacheStore) -> dict:
+    layers = ckpt["layers"]
+    missing = [l for l in layers if l not in store.meta.layers]
+    if missing:
+        raise FeatreconError(f"{path}: decodes {', '.join(missing)}, which {store.path} does not cache "
+                             f"(cached: {', '.join(store.meta.layers)})")
+    fp = S.feature_fingerprint(store.meta, layers)
+    if fp != ckpt["fingerprint"]:
+        raise FeatreconError(f"{path}: trained on features with fingerprint {ckpt['fingerprint']}, but {store.path} "
+                             f"gives {fp} (other weights, preprocessing or layer shapes); score it on a matching cache")
+    return ckpt
+
+
+def _row(name: str, path: Path, ckpt: dict, res: dict) -> dict:
+    return {"run": name, "checkpoint": str(path), "layers": "+".join(ckpt["layers"]),
+            "parameters": ckpt.get("n_parameters", 0), "epochs": ckpt["epoch"], "n": int(len(res["index"])),
+            **{k: summarize(res[k]) for k in METRICS},
+            "per_image": {"index": res["index"].tolist(), **{k: res[k].tolist() for k in METRICS}}}
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_")
+
+
+def _save_pairs(store: CacheStore, folder: Path, kept: dict[int, np.ndarray]) -> None:
+    from .figures import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in kept.items():
+        save_png(store.read(S.IMAGES, i, i + 1)[0], folder / f"original_{i}.png")
+        save_png(img, folder / f"reconstruction_{i}.png")
+
+
+def _fmt(s: dict, digits: int) -> str:
+    if s["mean"] is None:
+        return "-"
+    if s["ci95"] is None or not np.isfinite(s["mean"]):
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| run | layer(s) | parameters | epochs | n images | MSE | PSNR (dB) | SSIM |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['layers']} | {r['parameters']:,} | {r['epochs']} | {r['n']} | "
+                     f"{_fmt(r['mse'], 5)} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 3)} |")
+    return "\n".join(lines)
+
+
+def _depth_key(store: CacheStore):
+    order = list(store.meta.layers)
+    return lambda r: (max(order.index(l) for l in r["layers"].split("+")), r["layers"], r["run"])
+
+
+def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baseline: dict, originals: dict,
+                  idx: np.ndarray, recon: dict) -> dict:
+    from .figures import image_grid, plot_psnr_by_layer
+
+    rows = sorted(rows, key=_depth_key(store))
+    table = _table([*rows, baseline])
+    meta = store.meta
+    header = (f"# featrecon report\n\ncache `{store.path}` ({meta.weights}, {meta.preprocessing.crop} px), "
+              f"split `{cfg.split}`: {len(idx)} images. Metrics on [0, 1] RGB, mean ± 95% CI half-width.\n")
+    orig = (f"\nOriginals re-read from `{cfg.images or meta.source_root}`: {originals['equal']} of "
+            f"{originals['checked']} equal to the cached target, {originals['missing']} missing, "
+            f"{originals['changed']} changed, {originals['unreadable']} unreadable.\n")
+    if meta.weights.startswith("random"):
+        orig += ("\n**Random backbone weights**: these numbers describe a randomly initialised ResNet-50, "
+                 "not a trained one.\n")
+    md = header + "\n" + table + "\n" + orig + "\n![grid](grid.png)\n\n![PSNR by layer](psnr_by_layer.png)\n"
+    (cfg.out / "report.md").write_text(md)
+    print("\n" + table + "\n" + orig)
+    report = {"cache": str(store.path), "split": cfg.split, "n": int(len(idx)), "weights": meta.weights,
+              "runs": rows, "baseline": baseline, "originals": originals}
+    write_json(report, cfg.out / "metrics.json")
+    grid_idx = [i for i in idx[: min(cfg.save, 6)].tolist()]
+    if grid_idx and rows:
+        columns = [("original", {i: store.read(S.IMAGES, i, i + 1)[0] for i in grid_idx})]
+        columns += [(f"{r['layers']}\n{r['psnr']['mean']:.1f} dB", recon[r["run"]]) for r in rows]
+        image_grid(grid_idx, columns, cfg.out / "grid.png")
+    plot_psnr_by_layer(rows, baseline, cfg.out / "psnr_by_layer.png")
+    log.info("report written to %s (report.md, metrics.json, grid.png, psnr_by_layer.png)", cfg.out)
+    return report
