@@ -74,3 +74,28 @@ def direct_forward(model, images_uint8: np.ndarray, layers: list[str]) -> dict[s
             x = getattr(model, name)(x)
             out[name] = x.clone()
     return {k: out[k].numpy() for k in layers}
+
+
+def build_cache(out: Path, images: Path, **kw) -> Path:
+    from featrecon.extract import ExtractConfig, extract
+
+    base = dict(weights="random:0", size=SIZE, workers=0, batch_size=8, shard_size=4, progress=False, layers="all")
+    base.update(kw)
+    extract(ExtractConfig(out=out, images=images, **base))
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos24(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("photos24"), copies=4)
+
+
+@pytest.fixture(scope="session", params=[".zarr", ".h5"])
+def small_cache(request, tmp_path_factory, photos24) -> Path:
+    """24 real photos at 64 px, all layers, shards of 4, in both formats."""
+    return build_cache(tmp_path_factory.mktemp("cache") / f"c{request.param}", photos24, holdout_fraction=0.25)
+
+
+@pytest.fixture(scope="session")
+def zarr_cache(tmp_path_factory, photos24) -> Path:
+    return build_cache(tmp_path_factory.mktemp("zcache") / "c.zarr", photos24, holdout_fraction=0.25)
