@@ -1,0 +1,22 @@
+"""The benchmark's smoke mode runs end to end; it asserts nothing about speed."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_reports_every_section(tmp_path, photo_dir):
+    from benchmarks.run import main
+
+    r = main(["--images", str(photo_dir), "--out", str(tmp_path / "res"), "--quick", "--device", "cpu",
+              "--workers", "0", "--work", str(tmp_path)])
+    saved = json.loads((tmp_path / "res" / "latest.json").read_text())
+    assert saved["extraction"].keys() == {"all", "layer3"}
+    assert {row["codec"] for row in saved["storage"]} == {"none", "zstd:1", "zstd:3", "lz4:5", "blosc-zstd:5"}
+    assert {row["format"] for row in saved["storage"]} == {"zarr", "hdf5"}
+    for v in saved["extraction"].values():
+        assert v["ratio"] > 0 and v["images"] == 6
+    assert saved["loader"]["layer1"]["warm"]["loader_samples_s"] > 0
+    assert saved["training"]["speedup"] > 0
+    assert (tmp_path / "res" / "latest.png").is_file() and "## 4." in (tmp_path / "res" / "latest.md").read_text()
