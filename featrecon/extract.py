@@ -216,12 +216,11 @@ def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str,
     """Cast to the stored dtype on the device, count per-sample float16 overflow, move to host."""
     arrays, overflow = {}, {}
     for layer, v in features.items():
-        if dtype == "float16":
-            h = v.to(torch.float16)
+        h = v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()  # NCHW on disk
+        # One cheap reduction decides; the per-sample count runs only when something overflowed.
+        if dtype == "float16" and v.abs().amax() > FP16_MAX:
             overflow[layer] = (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1).cpu().numpy()
-        else:
-            h = v.to(torch.float32)
-        arrays[S.feature_path(layer)] = h.contiguous().cpu().numpy()  # (B, C, H, W), NCHW on disk
+        arrays[S.feature_path(layer)] = h.cpu().numpy()  # (B, C, H, W)
     return arrays, overflow
 
 
