@@ -32,7 +32,7 @@ from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_fo
 from featrecon.data import discover_images, load_image
 from featrecon.decoders import Decoder, DecoderConfig
 from featrecon.extract import ExtractConfig, extract
-from featrecon.loader import CacheLoader
+from featrecon.loader import CacheLoader, bytes_per_sample
 from featrecon.schema import Codec
 from featrecon.storage import create_cache, open_cache
 
@@ -168,7 +168,7 @@ def bench_loader(cache: Path, batch_size: int, naive_n: int, cold: bool) -> dict
         idx = np.arange(n)
         for layer in [l for l in ("layer1", "layer3") if l in meta.layers]:
             names = [S.feature_path(layer), S.IMAGES]
-            per_sample = sum(int(np.prod(meta.layers[layer])) * 2 for _ in [0]) + int(np.prod(meta.image_shape))
+            per_sample = bytes_per_sample(meta, (layer,))
             res = {}
             for state in (["cold", "warm"] if cold else ["warm"]):
                 if state == "cold":

@@ -277,7 +277,7 @@ def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baselin
     report = {"cache": str(store.path), "split": cfg.split, "n": int(len(idx)), "weights": meta.weights,
               "runs": rows, "baseline": baseline, "originals": originals}
     write_json(report, cfg.out / "metrics.json")
-    grid_idx = [i for i in idx[: min(cfg.save, 6)].tolist()]
+    grid_idx = idx[: min(cfg.save, 6)].tolist()
     if grid_idx and rows:
         columns = [("original", {i: store.read(S.IMAGES, i, i + 1)[0] for i in grid_idx})]
         columns += [(f"{r['layers']}\n{r['psnr']['mean']:.1f} dB", recon[r["run"]]) for r in rows]
