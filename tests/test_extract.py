@@ -19,7 +19,7 @@ from PIL import Image
 
 from featrecon import FeatreconError
 from featrecon import schema as S
-from featrecon.backbone import load_resnet50
+from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
 from featrecon.extract import ExtractConfig, extract
 from featrecon.storage import open_cache
 
@@ -66,11 +66,45 @@ def test_shapes_follow_the_strides_and_forward_stops_at_deepest(tmp_path, photo_
         assert store.meta.layers == {"stem": [64, 48, 48], "layer2": [512, 12, 12]}
         assert store.meta.nodes == {"stem": "relu", "layer2": "layer2"}
         assert store.read(S.IMAGES, 0, 2).shape == (2, 3, 96, 96)
-    from featrecon.backbone import FeatureExtractor, preprocessing_for, resolve_layers
 
     model, _ = load_resnet50("random:0")
     fx = FeatureExtractor(model, resolve_layers("layer2", model), preprocessing_for("random:0"))
     assert not hasattr(fx.body, "layer3") and not hasattr(fx.body, "fc")
+
+
+def test_inplace_relus_never_overwrite_a_captured_node():
+    """ReLUs stay in place for speed, except the ones that would overwrite a returned tensor."""
+    import copy
+
+    model, _ = load_resnet50("random:0")
+    nodes = ["layer1.0.bn1", "layer1.0.add", "layer1.0.relu", "layer1.0.relu_2", "layer1.1.bn3", "layer2"]
+    fx = FeatureExtractor(copy.deepcopy(model), resolve_layers(",".join(nodes), model), preprocessing_for("random:0"),
+                          channels_last=False)
+    inplace = [n for n in fx.body.graph.nodes if n.op == "call_module" and getattr(fx.body.get_submodule(n.target), "inplace", False)]
+    assert len(inplace) > 10  # most ReLUs are still in place
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    got = fx(images)
+    # Reference: forward hooks on an out-of-place copy of the model, tensors cloned.
+    ref, want = copy.deepcopy(model), {}
+    for m in ref.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    relu_calls = []
+
+    def keep(name):  # a hook that returns None, so the module's own output goes on
+        return lambda m, i, o: want.__setitem__(name, o.clone())
+
+    ref.layer1[0].bn1.register_forward_hook(keep("layer1.0.bn1"))
+    ref.layer1[0].relu.register_forward_hook(lambda m, i, o: relu_calls.append((i[0].clone(), o.clone())))
+    ref.layer1[1].bn3.register_forward_hook(keep("layer1.1.bn3"))  # eager then adds the identity in place
+    ref.layer2.register_forward_hook(keep("layer2"))
+    x = (images.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref(x)
+    want["layer1.0.relu"], want["layer1.0.add"], want["layer1.0.relu_2"] = relu_calls[0][1], relu_calls[2][0], relu_calls[2][1]
+    assert (want["layer1.0.bn1"] < 0).any() and (want["layer1.0.add"] < 0).any()
+    for name in nodes:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_any_node_name_and_unknown_layer_lists_choices(tmp_path, photo_dir):
