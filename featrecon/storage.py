@@ -143,6 +143,7 @@ class ZarrCacheStore(CacheStore):
         if meta is None:
             raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
         self.meta = CacheMeta.from_dict(meta)
+        self._arrays = {}
 
     @classmethod
     def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "ZarrCacheStore":
@@ -178,7 +179,15 @@ class ZarrCacheStore(CacheStore):
 
     def _write_arrays(self, start, stop, arrays):
         for name, value in arrays.items():
-            self.group[name][start:stop] = value
+            self._writable(name)[start:stop] = value
+
+    def _writable(self, name):
+        """The array opened for writing. `write_empty_chunks` skips zarr's per-chunk "is it all
+        fill value?" comparison, which on float16 cost more CPU than the zstd compression itself;
+        a skipped sample's zeros compress to a few bytes anyway."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return self._arrays[name]
 
     def _set_attrs(self, updates):
         self.group.attrs.update(updates)
