@@ -72,16 +72,20 @@ def test_shapes_follow_the_strides_and_forward_stops_at_deepest(tmp_path, photo_
     assert not hasattr(fx.body, "layer3") and not hasattr(fx.body, "fc")
 
 
-def test_inplace_relus_never_overwrite_a_captured_node():
-    """ReLUs stay in place for speed, except the ones that would overwrite a returned tensor."""
+def test_graph_rewrites_never_change_a_captured_value():
+    """For speed, BatchNorms are folded into convolutions and ReLUs stay in place, except where
+    that would change a returned tensor: a captured convolution keeps its BatchNorm after it,
+    and a ReLU that would overwrite a captured tensor works on a copy."""
     import copy
 
     model, _ = load_resnet50("random:0")
-    nodes = ["layer1.0.bn1", "layer1.0.add", "layer1.0.relu", "layer1.0.relu_2", "layer1.1.bn3", "layer2"]
-    fx = FeatureExtractor(copy.deepcopy(model), resolve_layers(",".join(nodes), model), preprocessing_for("random:0"),
-                          channels_last=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nodes = ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.add", "layer1.0.relu", "layer1.0.relu_2", "layer1.1.bn3", "layer2"]
+    fx = FeatureExtractor(model, resolve_layers(",".join(nodes), model), preprocessing_for("random:0"), channels_last=False)
     inplace = [n for n in fx.body.graph.nodes if n.op == "call_module" and getattr(fx.body.get_submodule(n.target), "inplace", False)]
     assert len(inplace) > 10  # most ReLUs are still in place
+    assert fx.folded == 24 - 1  # the 24 BatchNorms up to layer2, but the captured conv's
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     got = fx(images)
     # Reference: forward hooks on an out-of-place copy of the model, tensors cloned.
@@ -94,6 +98,7 @@ def test_inplace_relus_never_overwrite_a_captured_node():
     def keep(name):  # a hook that returns None, so the module's own output goes on
         return lambda m, i, o: want.__setitem__(name, o.clone())
 
+    ref.layer1[0].conv1.register_forward_hook(keep("layer1.0.conv1"))
     ref.layer1[0].bn1.register_forward_hook(keep("layer1.0.bn1"))
     ref.layer1[0].relu.register_forward_hook(lambda m, i, o: relu_calls.append((i[0].clone(), o.clone())))
     ref.layer1[1].bn3.register_forward_hook(keep("layer1.1.bn3"))  # eager then adds the identity in place
