@@ -15,6 +15,7 @@ import os
 import shutil
 import warnings
 from abc import ABC, abstractmethod
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ class CacheStore(ABC):
 
     path: Path
     meta: CacheMeta
+    pool: Executor | None = None  # threads a backend may use to compress a shard's chunks in parallel
 
     @abstractmethod
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -72,12 +74,15 @@ class CacheStore(ABC):
     def __exit__(self, *exc):
         self.close()
 
-    def write_shard(self, k: int, arrays: dict[str, np.ndarray], status: np.ndarray,
+    def write_shard(self, k: int, arrays: dict[str, "np.ndarray | list[np.ndarray]"], status: np.ndarray,
                     skipped: dict[str, str], overflow: dict[str, int]) -> None:
-        """Write shard k whole. Order matters for crash safety: data, then the
-        bookkeeping attributes (keyed, so rewriting a shard is idempotent), then the
-        status that marks the shard done."""
+        """Write shard k whole: each array as (n, ...) or as a list of its n rows. Order
+        matters for crash safety: data, then the bookkeeping attributes (keyed, so
+        rewriting a shard is idempotent), then the status that marks the shard done."""
         start, stop = self.meta.shard_bounds(k)
+        for name, rows in arrays.items():
+            if len(rows) != stop - start:
+                raise ValueError(f"shard {k} of {name}: {len(rows)} rows, expected {stop - start}")
         self._write_arrays(start, stop, arrays)
         updates = {}
         if skipped:
@@ -130,6 +135,94 @@ def _zarr_compressors(codec: Codec):
     return BloscCodec(cname=cname, clevel=codec.level, shuffle="bitshuffle")
 
 
+_MAX_U64 = 2**64 - 1
+_LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+class ShardEncoder:
+    """Writes one whole shard of a per-sample-chunked array in the bytes zarr-python would write.
+
+    zarr's sharding codec sends every inner chunk through an asyncio pipeline with
+    several copies; for a shard of 32 samples this costs about as much CPU as the
+    compression itself, CPU that the backbone needs on a small machine. The format is
+    simple and fixed by the Zarr v3 sharding spec: the compressed chunks one after
+    another, then an index of (offset, nbytes) uint64 pairs with a crc32c. A test
+    checks that the bytes equal zarr's own, for every codec featrecon offers.
+
+    Only the layout featrecon creates qualifies; `for_array` returns None for
+    anything else, and the caller writes through zarr."""
+
+    def __init__(self, array, compress):
+        self.array, self.compress = array, compress
+        self.per_shard = array.shards[0]
+
+    @classmethod
+    def for_array(cls, array) -> "ShardEncoder | None":
+        import sys
+
+        meta = json.loads(json.dumps(array.metadata.to_dict()))  # plain lists and dicts, as in zarr.json
+        codecs = meta.get("codecs", [])
+        if sys.byteorder != "little" or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            return None
+        conf = codecs[0]["configuration"]
+        if (list(conf["chunk_shape"]) != [1, *array.shape[1:]] or conf.get("index_location", "end") != "end"
+                or conf.get("index_codecs") != [_LITTLE_BYTES, {"name": "crc32c"}]
+                or meta.get("chunk_key_encoding", {}).get("name") != "default"):
+            return None
+        inner = conf.get("codecs", [])
+        if not inner or inner[0].get("name") != "bytes" or (inner[0] != _LITTLE_BYTES and array.dtype.itemsize > 1):
+            return None
+        if len(inner) == 1:
+            return cls(array, None)
+        if len(inner) > 2:
+            return None
+        compress = _numcodecs_for(inner[1])
+        return cls(array, compress.encode) if compress is not None else None
+
+    def encode(self, rows, pool: Executor | None = None) -> bytes:
+        """The shard's bytes for its rows (an array (n, *sample_shape) or a list of n samples);
+        n is the shard size, less only at the array's end."""
+        import google_crc32c
+
+        rows = [np.ascontiguousarray(v, dtype=self.array.dtype) for v in rows]
+        if self.compress is None:
+            parts = [memoryview(v).cast("B") for v in rows]
+        else:  # the compressors release the GIL: a pool compresses on several cores
+            parts = list(pool.map(self.compress, rows)) if pool is not None else [self.compress(v) for v in rows]
+        index = np.full((self.per_shard, 2), _MAX_U64, dtype="<u8")
+        sizes = np.array([len(memoryview(p).cast("B")) for p in parts], dtype=np.uint64)
+        index[: len(parts), 1] = sizes
+        index[: len(parts), 0] = np.cumsum(sizes) - sizes
+        index_bytes = index.tobytes()
+        return b"".join([*parts, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")])
+
+    def write(self, k: int, values, pool: Executor | None = None) -> None:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        key = self.array.metadata.encode_chunk_key((k,) + (0,) * (self.array.ndim - 1))
+        data = default_buffer_prototype().buffer.from_bytes(self.encode(values, pool))
+        sync((self.array.store_path / key).set(data))  # the store's own atomic write
+
+
+def _stacked(rows) -> np.ndarray:
+    return rows if isinstance(rows, np.ndarray) else np.stack(rows)
+
+
+def _numcodecs_for(spec: dict):
+    """The numcodecs compressor of a zarr v3 codec description, or None if not one we know."""
+    import numcodecs
+
+    name, conf = spec.get("name"), spec.get("configuration", {})
+    if name == "zstd":
+        return numcodecs.Zstd(level=conf["level"], checksum=conf.get("checksum", False))
+    if name == "blosc" and conf.get("shuffle") in _BLOSC_SHUFFLE:
+        return numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=_BLOSC_SHUFFLE[conf["shuffle"]],
+                               blocksize=conf.get("blocksize", 0), typesize=conf.get("typesize"))
+    return None
+
+
 class ZarrCacheStore(CacheStore):
     def __init__(self, path: Path, mode: str):
         import zarr
@@ -144,6 +237,7 @@ class ZarrCacheStore(CacheStore):
             raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
         self.meta = CacheMeta.from_dict(meta)
         self._arrays = {}
+        self.fast_writes = True  # False: every write through zarr's own codec pipeline
 
     @classmethod
     def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "ZarrCacheStore":
@@ -178,15 +272,23 @@ class ZarrCacheStore(CacheStore):
         return self.group.attrs.get(key, default)
 
     def _write_arrays(self, start, stop, arrays):
+        k = start // self.meta.shard_size
         for name, value in arrays.items():
-            self._writable(name)[start:stop] = value
+            array, encoder = self._writable(name)
+            if encoder is not None:
+                encoder.write(k, value, self.pool)
+            else:
+                array[start:stop] = _stacked(value)
 
     def _writable(self, name):
-        """The array opened for writing. `write_empty_chunks` skips zarr's per-chunk "is it all
-        fill value?" comparison, which on float16 cost more CPU than the zstd compression itself;
-        a skipped sample's zeros compress to a few bytes anyway."""
+        """The array opened for writing, and its whole-shard encoder (None: zarr writes it).
+
+        `write_empty_chunks` skips zarr's per-chunk "is it all fill value?" comparison,
+        which on float16 cost more CPU than the zstd compression itself; a skipped
+        sample's zeros compress to a few bytes anyway."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+            array = self.group[name].with_config({"write_empty_chunks": True})
+            self._arrays[name] = (array, ShardEncoder.for_array(array) if self.fast_writes else None)
         return self._arrays[name]
 
     def _set_attrs(self, updates):
@@ -264,7 +366,7 @@ class H5CacheStore(CacheStore):
 
     def _write_arrays(self, start, stop, arrays):
         for name, value in arrays.items():
-            self.file[name][start:stop] = value
+            self.file[name][start:stop] = _stacked(value)
 
     def _set_attrs(self, updates):
         for key, value in updates.items():
