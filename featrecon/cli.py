@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,19 +63,28 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--shard-size", type=int, default=32, help="samples per shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache instead of resuming it")
+    p.add_argument("--stats", type=Path, help="also write this run's counts and timings to this JSON file")
     _common(p)
     return p
 
 
 def _extract(args: argparse.Namespace) -> None:
+    # OpenMP threads that finish a parallel region spin before they sleep (libgomp: about
+    # 300k iterations). The writer and the decoders share the cores with the backbone, and
+    # that spinning takes their time: a short spin made extraction 6-8% faster on a 2-core
+    # CPU (three runs each way). Read once, when torch loads; an explicit setting wins.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    from .checkpoint import write_json
     from .extract import ExtractConfig, extract
 
-    extract(ExtractConfig(
+    result = extract(ExtractConfig(
         out=args.out, images=args.images, layers=args.layers, weights=args.weights, size=args.size,
         dtype=args.dtype, codec=args.codec, fmt=args.fmt, batch_size=args.batch_size, workers=args.workers,
         device=args.device, autocast=args.autocast, channels_last=not args.no_channels_last,
         holdout_fraction=args.holdout_fraction, labels=args.labels, class_map=args.class_map, limit=args.limit,
         overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress))
+    if args.stats:
+        write_json(result.summary(), args.stats)
 
 
 def extract_main(argv: list[str] | None = None) -> int:
