@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
@@ -159,8 +160,6 @@ class ShardEncoder:
 
     @classmethod
     def for_array(cls, array) -> "ShardEncoder | None":
-        import sys
-
         meta = json.loads(json.dumps(array.metadata.to_dict()))  # plain lists and dicts, as in zarr.json
         codecs = meta.get("codecs", [])
         if sys.byteorder != "little" or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
