@@ -91,12 +91,10 @@ def bare_forwards(images: torch.Tensor, layers: str, args, device) -> dict:
     pre = preprocessing_for(weights, args.size)
     fx = FeatureExtractor(model, resolve_layers(layers, model), pre, autocast=args.autocast).to(device)
     stock = stock_forward(model, layers).to(device, memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
 
-    def run_stock(x):
-        x = ((x.float() - fx.mean) / fx.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return stock(x)
+    def run_stock(images):  # the same input preparation and precision as featrecon's forward
+        with fx.precision(device.type):
+            return stock(fx.prepare(images))
 
     return {"stock": _forward_rate(run_stock, images, args.batch_size, device),
             "featrecon": _forward_rate(fx, images, args.batch_size, device)}

@@ -263,14 +263,14 @@ class FeatureExtractor(nn.Module):
     ReLUs work in place wherever that cannot change a captured value."""
 
     def __init__(self, model: nn.Module, layers: dict[str, str], pre: Preprocessing,
-                 channels_last: bool = True, autocast: str = "none", fold_batchnorm: bool = True):
+                 channels_last: bool = True, autocast: str = "none"):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
         self.layers = dict(layers)
         model = copy.deepcopy(model).eval()  # the traced graph shares modules with its model, and folding swaps some
         self.body = create_feature_extractor(model, return_nodes={node: name for name, node in layers.items()}).eval()
-        self.folded = _fold_batchnorm(self.body) if fold_batchnorm else 0
+        self.folded = _fold_batchnorm(self.body)
         _protect_captured(self.body)
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
@@ -281,17 +281,22 @@ class FeatureExtractor(nn.Module):
         if channels_last:
             self.body = self.body.to(memory_format=torch.channels_last)
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> the network's input: torchvision's normalisation, in the chosen memory layout."""
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def precision(self, device_type: str):
+        """The autocast context of the chosen --autocast (disabled for none)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
+        return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = (images.float() - self.mean) / self.std  # (B, 3, H, W), the torchvision normalisation
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.autocast == "none":
-            return self.body(x)
-        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
-        with torch.autocast(device_type=x.device.type, dtype=dtype):
+        x = self.prepare(images)
+        with self.precision(x.device.type):
             out = self.body(x)
-        return {k: v.float() for k, v in out.items()}
+        return out if self.autocast == "none" else {k: v.float() for k, v in out.items()}
 
     def layer_shapes(self, size: int) -> dict[str, list[int]]:
         """[C, H, W] of every captured layer for a size x size input."""
