@@ -34,6 +34,7 @@ from featrecon import schema as S
 from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_device, resolve_layers
 from featrecon.data import discover_images, load_image
 from featrecon.decoders import Decoder, DecoderConfig
+from featrecon.extract import ExtractConfig, with_device_defaults
 from featrecon.loader import CacheLoader, bytes_per_sample
 from featrecon.schema import Codec
 from featrecon.storage import create_cache, open_cache
@@ -113,25 +114,73 @@ def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path,
     return json.loads(stats.read_text())
 
 
+def decode_limit(files_root: Path, ids: list[str], pre, args, device) -> float:
+    """images/s of the decoding stage alone: the same DataLoader extraction uses, no forward."""
+    from featrecon.data import ImageDataset, collate_images
+    from featrecon.extract import _worker_init
+
+    dl = torch.utils.data.DataLoader(
+        ImageDataset(files_root, ids, list(range(len(ids))), pre), batch_size=args.batch_size,
+        num_workers=args.workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if args.workers else None, prefetch_factor=4 if args.workers else None)
+    start = time.perf_counter()
+    it = iter(dl)
+    first = len(next(it)[1])  # worker start-up: left out, as in the extraction's rate
+    t0, n = time.perf_counter(), 0
+    for _, images, _ in it:
+        n += len(images)
+    return n / (time.perf_counter() - t0) if n else first / (time.perf_counter() - start)
+
+
+def compress_limit(cache: Path, shards: int = 8) -> float:
+    """images/s of the compression stage alone: the cache's own shards re-encoded by the
+    writer's code on a pool of one thread per core, as extraction runs it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featrecon.storage import ShardEncoder
+
+    with open_cache(cache) as store:
+        meta = store.meta
+        ks = list(meta.shards())[:shards]
+        names = [S.IMAGES, *(S.feature_path(l) for l in meta.layers)]
+        data = {(name, k): store.read(name, *meta.shard_bounds(k)) for name in names for k in ks}
+        encoders = {name: ShardEncoder.for_array(store.group[name]) for name in names}
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        t0 = time.perf_counter()
+        started = [(encoders[name], encoders[name].start(rows, pool)) for (name, _), rows in data.items()]
+        for encoder, parts in started:
+            encoder.assemble(parts)
+        dt = time.perf_counter() - t0
+    return sum(meta.shard_bounds(k)[1] - meta.shard_bounds(k)[0] for k in ks) / dt
+
+
 def bench_extraction(args, files_root: Path, ids: list[str], work: Path, device) -> tuple[dict, Path]:
     """Bare forwards before and after the extraction run (the faster of each counts, so noise
-    cannot flatter the ratio); extraction after its first batch, as the forwards after theirs."""
+    cannot flatter the ratio); extraction after its first batch, as the forwards after theirs.
+    Also each stage alone (decoding, compression), which bounds extraction from above."""
     pre = preprocessing_for(load_resnet50(args.weights)[1], args.size)
     images = torch.stack([torch.from_numpy(load_image(files_root / i, pre)) for i in ids])
+    decode = decode_limit(files_root, ids, pre, args, device)
+    log.info("decoding alone (%d workers): %.1f img/s", args.workers, decode)
     out = {}
     for layers in ("all", "layer3"):
         before = bare_forwards(images, layers, args, device)
         res = run_extract_features(args, files_root, len(ids), layers, work / f"extract_{layers}.zarr", device)
         after = bare_forwards(images, layers, args, device)
+        compress = compress_limit(work / f"extract_{layers}.zarr")
         stock, own = max(before["stock"], after["stock"]), max(before["featrecon"], after["featrecon"])
         steady = res["steady_images_per_s"]
+        limit = min(stock, decode, compress)
         out[layers] = {"stock_forward_img_s": stock, "featrecon_forward_img_s": own, "extract_img_s": steady,
+                       "decode_img_s": decode, "compress_img_s": compress, "slowest_stage_img_s": limit,
+                       "ratio_to_slowest_stage": steady / limit,
                        "extract_img_s_with_first_batch": res["images_per_s"], "ratio": steady / stock,
                        "ratio_to_featrecon_forward": steady / own, "target": 0.9, "images": len(ids),
                        "forward_s": res["forward_seconds"], "write_s": res["write_seconds"], "total_s": res["seconds"],
                        "bare_runs": {"before": before, "after": after}}
-        log.info("extraction %s: %.1f img/s vs stock forward %.1f (%.2f), featrecon forward %.1f (%.2f)",
-                 layers, steady, stock, steady / stock, own, steady / own)
+        log.info("extraction %s: %.1f img/s vs stock forward %.1f (%.2f), featrecon forward %.1f (%.2f); "
+                 "decoding alone %.1f, compression alone %.1f", layers, steady, stock, steady / stock, own, steady / own,
+                 decode, compress)
     return out, work / "extract_all.zarr"
 
 
@@ -149,7 +198,13 @@ def bench_storage(cache: Path, n: int, work: Path) -> list[dict]:
         ids = src.ids()[:n]
     zero_frac = {l: float((arrays[S.feature_path(l)] == 0).mean()) for l in meta.layers}
     rows = []
-    for fmt, suffix in (("zarr", ".zarr"), ("hdf5", ".h5")):
+    formats = [("zarr", ".zarr"), ("hdf5", ".h5")]
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        log.warning("storage: hdf5plugin is not installed here, so the HDF5 rows are left out")
+        formats = formats[:1]
+    for fmt, suffix in formats:
         for codec in CODECS:
             m = S.CacheMeta(**{**meta.to_dict(), "preprocessing": meta.preprocessing, "n": n, "codec": str(Codec.parse(codec))})
             row = {"format": fmt, "codec": str(Codec.parse(codec)), "samples": n, "layers": {}}
@@ -321,18 +376,22 @@ def markdown(r: dict) -> str:
     lines = [f"# featrecon benchmarks\n", f"Command: `{r['command']}`  ", f"Date: {r['date']}  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']} "
              f"({m['torch_threads']} threads); device `{r['device']}`, {r['images']} images at {r['size']} px, "
-             f"batch {r['batch_size']}, autocast {r['autocast']}, weights {r['weights']}.\n",
+             f"batch {r['batch_size']}, {r.get('workers', 2)} decode workers, autocast {r['autocast']}, weights {r['weights']}.\n",
              "## 1. Extraction vs the bare backbone (target ≥ 0.9)\n",
              "`extract-features` (decode, forward, float16 cast, compress, write) in its own process, against "
              "forwards over the same images already decoded in memory: torchvision's stock modules, and the "
              "graph featrecon runs (BatchNorm folded into the convolutions, in-place ReLUs, one output per layer). "
              "Every rate leaves out its first batch; each bare forward is the faster of a run before and one "
-             "after the extraction.\n",
+             "after the extraction. Decoding alone is the same DataLoader with no forward; compression alone "
+             "re-encodes the cache's own shards with the writer's code on one thread per core. Extraction "
+             "cannot beat the slowest of the three.\n",
              "| layers | extract-features img/s | stock forward img/s | featrecon forward img/s "
-             "| extract / stock | extract / featrecon forward |", "|---|---:|---:|---:|---:|---:|"]
+             "| decoding alone | compression alone | extract / stock | extract / featrecon forward "
+             "| extract / slowest stage |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, v in r["extraction"].items():
         lines.append(f"| {k} | {v['extract_img_s']:.1f} | {v['stock_forward_img_s']:.1f} | "
-                     f"{v['featrecon_forward_img_s']:.1f} | **{v['ratio']:.2f}** | {v['ratio_to_featrecon_forward']:.2f} |")
+                     f"{v['featrecon_forward_img_s']:.1f} | {v['decode_img_s']:.1f} | {v['compress_img_s']:.1f} | "
+                     f"**{v['ratio']:.2f}** | {v['ratio_to_featrecon_forward']:.2f} | {v['ratio_to_slowest_stage']:.2f} |")
     lines += ["", "## 2. Storage (bytes per sample on disk, ratio to raw float32)\n"]
     layers = list(r["storage"][0]["layers"])
     lines += ["| format | codec | write MB/s | " + " | ".join(layers) + " | all layers MB |",
@@ -392,10 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--n", type=int, help="images (default: 480 on CPU, 5000 on GPU, 16 with --quick)")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="default: extract-features' own (8 on a CPU, 128 on a GPU)")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-steps", type=int)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, help="default: extract-features' own")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--weights", default="random:0")
     p.add_argument("--quick", action="store_true", help="smoke mode: a few small images, proves it runs")
@@ -404,6 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
+    d = with_device_defaults(ExtractConfig(out=Path("."), batch_size=args.batch_size, workers=args.workers), device)
+    args.batch_size, args.workers = d.batch_size, d.workers
     if args.quick:
         args.size, n, steps, args.train_batch = 64, args.n or 16, args.train_steps or 2, 4
     else:
@@ -422,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     result = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else os.sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(device), "device": str(device),
-              "images": len(ids), "size": args.size, "batch_size": args.batch_size, "autocast": args.autocast,
+              "images": len(ids), "size": args.size, "batch_size": args.batch_size, "workers": args.workers, "autocast": args.autocast,
               "weights": args.weights, "cold_cache": cold, "extraction": extraction, "storage": storage,
               "loader": loader, "training": training}
     args.out.mkdir(parents=True, exist_ok=True)

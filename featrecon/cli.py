@@ -52,8 +52,9 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="crop size in pixels (default: the weights' own, 224)")
     p.add_argument("--dtype", default="float16", help="stored feature dtype: float16 or float32")
     p.add_argument("--codec", default="zstd:1", help="zstd[:LEVEL], lz4 (blosc, bit-shuffle), blosc-zstd, none")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    p.add_argument("--batch-size", type=int, help="images per forward (default: 8 on a CPU, 128 on a GPU)")
+    p.add_argument("--workers", type=int, help="image-decoding processes (default: 2 on a CPU, "
+                   "all cores but two on a GPU)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="reduced-precision forward")
     p.add_argument("--no-channels-last", action="store_true", help="contiguous NCHW convolutions (slower)")
     p.add_argument("--holdout-fraction", type=float, default=0.1)

@@ -9,6 +9,8 @@ that are not done and leaves the rest alone.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import datetime as _dt
 import errno
 import hashlib
@@ -47,8 +49,8 @@ class ExtractConfig:
     dtype: str = "float16"  # stored feature dtype
     codec: str = "zstd:1"  # compression, see schema.CODEC_CHOICES
     fmt: str | None = None  # "zarr" or "hdf5"; None = from the suffix of `out`
-    batch_size: int = 8  # images per forward (8-16 is fastest on a CPU)
-    workers: int = 2  # DataLoader decode processes (0 = decode in the main process)
+    batch_size: int | None = None  # images per forward; None: 8 on a CPU (fastest there), 128 on a GPU
+    workers: int | None = None  # decode processes (0 = in the main process); None: see `auto_workers`
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     autocast: str = "none"  # none, bf16 or fp16 compute
     channels_last: bool = True  # NHWC convolutions: about 1.5x faster on CPU and GPU
@@ -99,13 +101,29 @@ def _source(cfg: ExtractConfig) -> tuple[Path, list[str]]:
     return root, discover_images(root, cfg.limit)
 
 
+def auto_workers(device: torch.device) -> int:
+    """Decode processes when --workers is not given. On a CPU the backbone needs the cores:
+    two. A GPU leaves the CPU to decoding and compression: all cores but two, at most 32
+    (on an H100 machine 15 decode processes gave 2,700 ImageNet photos/s, the forward 7,700)."""
+    cores = os.cpu_count() or 1
+    return min(2, cores) if device.type == "cpu" else max(2, min(32, cores - 2))
+
+
+def with_device_defaults(cfg: ExtractConfig, device: torch.device) -> ExtractConfig:
+    return dataclasses.replace(
+        cfg, batch_size=cfg.batch_size or (8 if device.type == "cpu" else 128),
+        workers=auto_workers(device) if cfg.workers is None else cfg.workers)
+
+
 def _check_config(cfg: ExtractConfig) -> None:
     if cfg.dtype not in S.FEATURE_DTYPES:
         raise FeatreconError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(S.FEATURE_DTYPES)}")
     Codec.parse(cfg.codec)
     format_for(cfg.out, cfg.fmt)
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.shard_size < 1:
         raise FeatreconError("--batch-size and --shard-size must be at least 1")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise FeatreconError(f"--workers {cfg.workers}: must be 0 (decode in the main process) or more")
     if cfg.limit is not None and cfg.limit < 1:
         raise FeatreconError(f"--limit {cfg.limit}: must be at least 1")
 
@@ -146,16 +164,26 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: 
 
 
 class ShardWriter(threading.Thread):
-    """Collects samples into shard buffers and writes each shard whole, off the main thread."""
+    """Collects samples into shard buffers and writes each shard whole, off the main thread.
 
-    def __init__(self, store: CacheStore, shards: list[int], max_batches: int = 8):
+    A complete shard starts compressing on the store's pool at once and is handed to a
+    few disk threads, which write it when its chunks are ready: one shard's disk write no
+    longer holds up the next, and every compression thread stays busy. Each shard is
+    still written whole, by one thread; different shards are different files."""
+
+    def __init__(self, store: CacheStore, shards: list[int], max_batches: int = 8, in_flight: int = 8,
+                 disk_threads: int = 4):
         super().__init__(daemon=True, name="shard-writer")
         self.store, self.meta = store, store.meta
         self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self.error: BaseException | None = None
         self.written = 0
         self.write_seconds = 0.0
+        self._lock = threading.Lock()
         self._buffers: dict[int, dict] = {}
+        self._writing: collections.deque = collections.deque()  # futures of shard writes, oldest first
+        self.in_flight = in_flight
+        self._disk = ThreadPoolExecutor(disk_threads if store.parallel_shards else 1, thread_name_prefix="shard-write")
         self._expected = {k: self.meta.shard_bounds(k) for k in shards}
         self._shapes = {S.IMAGES: self.meta.image_shape,
                         **{S.feature_path(l): tuple(s) for l, s in self.meta.layers.items()}}
@@ -183,14 +211,18 @@ class ShardWriter(threading.Thread):
         try:
             while (item := self.queue.get()) is not None:
                 self._add(*item)
+            while self._writing:
+                self._writing.popleft().result()
         except BaseException as e:  # handed to the main thread by put()/finish()
             self.error = e
             while True:  # drain, so the producer is never stuck on a full queue
                 try:
                     if self.queue.get(timeout=1) is None:
-                        return
+                        break
                 except queue.Empty:
-                    return
+                    break
+        finally:
+            self._disk.shutdown(wait=True, cancel_futures=True)
 
     def _buffer(self, k: int) -> dict:
         """Shard k's rows so far: views into the batches that produced them, no copies."""
@@ -205,7 +237,9 @@ class ShardWriter(threading.Thread):
         return np.zeros(self._shapes[name], self._dtypes[name])  # a skipped file's row
 
     def _add(self, indices: np.ndarray, arrays: dict[str, np.ndarray], reasons: list[str],
-             overflow: dict[str, np.ndarray], ids: list[str]) -> None:
+             overflow: dict[str, np.ndarray], ids: list[str], ready=None) -> None:
+        if ready is not None:
+            ready.synchronize()  # the batch's copy from the GPU has landed in `arrays`
         for j, i in enumerate(indices.tolist()):
             k = i // self.meta.shard_size
             buf, r = self._buffer(k), i - self._expected[k][0]
@@ -223,15 +257,21 @@ class ShardWriter(threading.Thread):
                         buf["overflow"][layer] = buf["overflow"].get(layer, 0) + int(counts[j])
             buf["left"] -= 1
             if buf["left"] == 0:
-                t0 = time.perf_counter()
-                self.store.write_shard(k, buf["rows"], buf["status"], buf["skipped"], buf["overflow"])
-                self.write_seconds += time.perf_counter() - t0
-                self.written += 1
                 del self._buffers[k]
+                self._writing.append(self._disk.submit(self._write, self.store.start_shard(k, buf["rows"]), buf))
+                while self._writing and (len(self._writing) > self.in_flight or self._writing[0].done()):
+                    self._writing.popleft().result()  # a failed write raises here
+
+    def _write(self, shard, buf) -> None:
+        t0 = time.perf_counter()
+        self.store.finish_shard(shard, buf["status"], buf["skipped"], buf["overflow"])
+        with self._lock:
+            self.written += 1
+            self.write_seconds += time.perf_counter() - t0
 
 
 def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Cast to the stored dtype on the device, count per-sample float16 overflow, move to host."""
+    """Cast to the stored dtype, count per-sample float16 overflow, as numpy (CPU tensors)."""
     arrays, overflow = {}, {}
     for layer, v in features.items():
         h = v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()  # NCHW on disk
@@ -241,6 +281,38 @@ def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str,
             overflow[layer] = (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1).cpu().numpy()
         arrays[S.feature_path(layer)] = h.cpu().numpy()  # (B, C, H, W)
     return arrays, overflow
+
+
+def to_host_async(features: dict[str, torch.Tensor], dtype: str, stream: "torch.cuda.Stream"):
+    """`to_storage` for a GPU, without waiting for it: cast and count overflow on the GPU,
+    then copy into pinned host memory on a side stream, which overlaps the next batch's
+    forward. Returns the host arrays, the per-sample overflow counts and an event; the
+    arrays hold their values only once the event has completed.
+
+    Pinned memory matters: on an H100 machine a copy into ordinary (pageable) memory ran
+    at 1.3 GB/s, into pinned memory at 54 GB/s. The pinned blocks come from PyTorch's
+    caching host allocator and are reused once the writer drops its views of them."""
+    on_device = {}
+    for layer, v in features.items():
+        h = v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()
+        n_over = (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1) if dtype == "float16" else None
+        on_device[layer] = (h, n_over)
+    stream.wait_stream(torch.cuda.current_stream())
+    arrays, counts = {}, {}
+    with torch.cuda.stream(stream):
+        for layer, (h, n_over) in on_device.items():
+            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            host.copy_(h, non_blocking=True)
+            h.record_stream(stream)  # h's memory is not reused before the copy has read it
+            arrays[S.feature_path(layer)] = host.numpy()
+            if n_over is not None:
+                c = torch.empty(n_over.shape, dtype=n_over.dtype, pin_memory=True)
+                c.copy_(n_over, non_blocking=True)
+                n_over.record_stream(stream)
+                counts[layer] = c.numpy()
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return arrays, counts, ready
 
 
 def _disk_error(e: OSError, out: Path) -> FeatreconError:
@@ -261,6 +333,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     labels, label_source = labels_for(ids, cfg.labels, cfg.class_map)
     split = assign_split(ids, cfg.holdout_fraction)
     device = resolve_device(cfg.device)
+    cfg = with_device_defaults(cfg, device)
     model, weights = load_resnet50(cfg.weights)
     weights_fp = fingerprint(model)
     pre = preprocessing_for(weights, cfg.size)  # the recorded name: the weights' own recipe, else 256/224
@@ -295,6 +368,7 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
     # one writer, so no two threads ever write parts of the same shard.
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="compress")
     store.pool = pool
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     writer = ShardWriter(store, shards)
     writer.start()
     t0, forward_s, wait_s = time.perf_counter(), 0.0, 0.0
@@ -306,10 +380,14 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
             tf = time.perf_counter()
             wait_s += tf - tw
             feats = extractor(images.to(device, non_blocking=True))
-            arrays, overflow = to_storage(feats, meta.dtype)
+            if copy_stream is not None:
+                arrays, overflow, ready = to_host_async(feats, meta.dtype, copy_stream)
+            else:
+                (arrays, overflow), ready = to_storage(feats, meta.dtype), None
+            del feats
             arrays[S.IMAGES] = images.numpy()
             forward_s += time.perf_counter() - tf
-            writer.put((idx.numpy(), arrays, reasons, overflow, [ids[i] for i in idx.tolist()]))
+            writer.put((idx.numpy(), arrays, reasons, overflow, [ids[i] for i in idx.tolist()], ready))
             bar.update(len(idx))
             if not warm:
                 warm = {"images": len(idx), "seconds": time.perf_counter() - t0}

@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 import sys
+import threading
 import warnings
 from abc import ABC, abstractmethod
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +40,24 @@ def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
     return "hdf5" if Path(path).suffix.lower() in _H5_SUFFIXES else "zarr"
 
 
+@dataclass
+class StartedShard:
+    """A shard handed to `CacheStore.start_shard`: its rows, or their compression under way."""
+
+    k: int
+    start: int
+    stop: int
+    arrays: dict
+
+
 class CacheStore(ABC):
     """A feature cache on disk. Arrays are addressed by schema name (`images`, `features/layer3`)."""
 
     path: Path
     meta: CacheMeta
     pool: Executor | None = None  # threads a backend may use to compress a shard's chunks in parallel
+    parallel_shards = False  # may several threads finish different shards at once?
+    _attrs_lock = threading.Lock()  # the bookkeeping attributes are one object, shared by all shards
 
     @abstractmethod
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -77,24 +91,39 @@ class CacheStore(ABC):
 
     def write_shard(self, k: int, arrays: dict[str, "np.ndarray | list[np.ndarray]"], status: np.ndarray,
                     skipped: dict[str, str], overflow: dict[str, int]) -> None:
-        """Write shard k whole: each array as (n, ...) or as a list of its n rows. Order
-        matters for crash safety: data, then the bookkeeping attributes (keyed, so
-        rewriting a shard is idempotent), then the status that marks the shard done."""
+        """Write shard k whole: each array as (n, ...) or as a list of its n rows."""
+        self.finish_shard(self.start_shard(k, arrays), status, skipped, overflow)
+
+    def start_shard(self, k: int, arrays: dict[str, "np.ndarray | list[np.ndarray]"]) -> "StartedShard":
+        """Check shard k's rows and, where the backend can, start compressing them on `pool`;
+        returns at once. `finish_shard` writes it. Starting several shards before finishing
+        the first keeps every compression thread busy while one shard goes to disk."""
         start, stop = self.meta.shard_bounds(k)
         for name, rows in arrays.items():
             if len(rows) != stop - start:
                 raise ValueError(f"shard {k} of {name}: {len(rows)} rows, expected {stop - start}")
-        self._write_arrays(start, stop, arrays)
-        updates = {}
-        if skipped:
-            updates[S.SKIPPED_ATTR] = {**self.attr(S.SKIPPED_ATTR, {}), **skipped}
-        old_over = self.attr(S.OVERFLOW_ATTR, {})
-        if overflow or str(k) in old_over:
-            over = {**old_over, str(k): overflow}
-            updates[S.OVERFLOW_ATTR] = {key: v for key, v in over.items() if v}
-        if updates:
-            self._set_attrs(updates)
-        self._write_status(start, stop, status)
+        return StartedShard(k, start, stop, self._start_arrays(k, arrays))
+
+    def finish_shard(self, shard: "StartedShard", status: np.ndarray, skipped: dict[str, str],
+                     overflow: dict[str, int]) -> None:
+        """Write a started shard. Order matters for crash safety: data, then the bookkeeping
+        attributes (keyed, so rewriting a shard is idempotent), then the status that marks
+        the shard done."""
+        self._write_arrays(shard.start, shard.stop, shard.arrays)
+        with self._attrs_lock:
+            updates = {}
+            if skipped:
+                updates[S.SKIPPED_ATTR] = {**self.attr(S.SKIPPED_ATTR, {}), **skipped}
+            old_over = self.attr(S.OVERFLOW_ATTR, {})
+            if overflow or str(shard.k) in old_over:
+                over = {**old_over, str(shard.k): overflow}
+                updates[S.OVERFLOW_ATTR] = {key: v for key, v in over.items() if v}
+            if updates:
+                self._set_attrs(updates)
+        self._write_status(shard.start, shard.stop, status)
+
+    def _start_arrays(self, k: int, arrays: dict) -> dict:
+        return arrays  # a backend that compresses on its own (HDF5) has nothing to start
 
     # Convenience views used by every stage.
     def status(self) -> np.ndarray:
@@ -179,30 +208,55 @@ class ShardEncoder:
         compress = _numcodecs_for(inner[1])
         return cls(array, compress.encode) if compress is not None else None
 
-    def encode(self, rows, pool: Executor | None = None) -> bytes:
-        """The shard's bytes for its rows (an array (n, *sample_shape) or a list of n samples);
-        n is the shard size, less only at the array's end."""
-        import google_crc32c
-
+    def start(self, rows, pool: Executor | None = None) -> list:
+        """Compress the shard's rows (an array (n, *sample_shape) or a list of n samples; n is
+        the shard size, less only at the array's end): on `pool` if given, returning at once.
+        The compressors release the GIL, so a pool compresses on several cores; rows go in
+        groups of about 1 MB, so small rows do not drown in task overhead."""
         rows = [np.ascontiguousarray(v, dtype=self.array.dtype) for v in rows]
         if self.compress is None:
-            parts = [memoryview(v).cast("B") for v in rows]
-        else:  # the compressors release the GIL: a pool compresses on several cores
-            parts = list(pool.map(self.compress, rows)) if pool is not None else [self.compress(v) for v in rows]
-        index = np.full((self.per_shard, 2), _MAX_U64, dtype="<u8")
-        sizes = np.array([len(memoryview(p).cast("B")) for p in parts], dtype=np.uint64)
-        index[: len(parts), 1] = sizes
-        index[: len(parts), 0] = np.cumsum(sizes) - sizes
-        index_bytes = index.tobytes()
-        return b"".join([*parts, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")])
+            return [memoryview(v).cast("B") for v in rows]
+        if pool is None:
+            return [self.compress(v) for v in rows]
+        step = max(1, (1 << 20) // max(1, rows[0].nbytes)) if rows else 1
+        return [pool.submit(_compress_all, self.compress, rows[i: i + step]) for i in range(0, len(rows), step)]
 
-    def write(self, k: int, values, pool: Executor | None = None) -> None:
+    def assemble(self, parts: list) -> bytes:
+        """The shard's bytes from its compressed rows (waiting for any still compressing)."""
+        import google_crc32c
+
+        flat = []
+        for p in parts:
+            flat.extend(p.result()) if isinstance(p, Future) else flat.append(p)
+        index = np.full((self.per_shard, 2), _MAX_U64, dtype="<u8")
+        sizes = np.array([len(memoryview(p).cast("B")) for p in flat], dtype=np.uint64)
+        index[: len(flat), 1] = sizes
+        index[: len(flat), 0] = np.cumsum(sizes) - sizes
+        index_bytes = index.tobytes()
+        return b"".join([*flat, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")])
+
+    def encode(self, rows, pool: Executor | None = None) -> bytes:
+        return self.assemble(self.start(rows, pool))
+
+    def put(self, k: int, shard: bytes) -> None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
         key = self.array.metadata.encode_chunk_key((k,) + (0,) * (self.array.ndim - 1))
-        data = default_buffer_prototype().buffer.from_bytes(self.encode(values, pool))
-        sync((self.array.store_path / key).set(data))  # the store's own atomic write
+        sync((self.array.store_path / key).set(default_buffer_prototype().buffer.from_bytes(shard)))  # atomic
+
+    def write(self, k: int, values, pool: Executor | None = None) -> None:
+        self.put(k, self.encode(values, pool))
+
+
+@dataclass
+class _Compressing:
+    encoder: ShardEncoder
+    parts: list
+
+
+def _compress_all(compress, rows) -> list:
+    return [compress(v) for v in rows]
 
 
 def _stacked(rows) -> np.ndarray:
@@ -223,6 +277,8 @@ def _numcodecs_for(spec: dict):
 
 
 class ZarrCacheStore(CacheStore):
+    parallel_shards = True  # every shard and its status chunk are files of their own
+
     def __init__(self, path: Path, mode: str):
         import zarr
 
@@ -270,11 +326,20 @@ class ZarrCacheStore(CacheStore):
     def attr(self, key, default=None):
         return self.group.attrs.get(key, default)
 
+    def _start_arrays(self, k, arrays):
+        started = {}
+        for name, value in arrays.items():
+            encoder = self._writable(name)[1]
+            started[name] = _Compressing(encoder, encoder.start(value, self.pool)) if encoder is not None else value
+        return started
+
     def _write_arrays(self, start, stop, arrays):
         k = start // self.meta.shard_size
         for name, value in arrays.items():
             array, encoder = self._writable(name)
-            if encoder is not None:
+            if isinstance(value, _Compressing):
+                value.encoder.put(k, value.encoder.assemble(value.parts))
+            elif encoder is not None:
                 encoder.write(k, value, self.pool)
             else:
                 array[start:stop] = _stacked(value)
@@ -294,7 +359,7 @@ class ZarrCacheStore(CacheStore):
         self.group.attrs.update(updates)
 
     def _write_status(self, start, stop, status):
-        self.group[S.STATUS][start:stop] = status
+        self._writable(S.STATUS)[0][start:stop] = status
 
 
 # ----------------------------------------------------------------------------- HDF5

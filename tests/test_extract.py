@@ -273,3 +273,23 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
         for name in (S.STATUS, S.LABELS, S.SPLIT):
             np.testing.assert_array_equal(a.read_all(name), b.read_all(name), err_msg=name)
     assert not list(killed.rglob("*.partial"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_copy_path_equals_the_cpu_path_and_counts_overflow():
+    """On a GPU the cast, the overflow count and the copy to pinned host memory run without
+    waiting; what lands must equal the CPU path's arrays and counts, bit for bit."""
+    from featrecon.extract import to_host_async, to_storage
+
+    g = torch.Generator().manual_seed(0)
+    feats = {"layer1": (torch.randn(4, 8, 5, 5, generator=g) * 3e4).to(memory_format=torch.channels_last),
+             "layer3": torch.randn(4, 16, 3, 3, generator=g)}
+    expected, over_cpu = to_storage(feats, "float16")
+    assert over_cpu["layer1"].sum() > 0 and "layer3" not in over_cpu
+    arrays, counts, ready = to_host_async({k: v.cuda() for k, v in feats.items()}, "float16", torch.cuda.Stream())
+    ready.synchronize()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    np.testing.assert_array_equal(counts["layer1"], over_cpu["layer1"])
+    assert not counts["layer3"].any()
