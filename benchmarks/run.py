@@ -373,7 +373,7 @@ def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, 
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# featrecon benchmarks\n", f"Command: `{r['command']}`  ", f"Date: {r['date']}  ",
+    lines = ["# featrecon benchmarks\n", f"Command: `{r['command']}`  ", f"Date: {r['date']}  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']} "
              f"({m['torch_threads']} threads); device `{r['device']}`, {r['images']} images at {r['size']} px, "
              f"batch {r['batch_size']}, {r.get('workers', 2)} decode workers, autocast {r['autocast']}, weights {r['weights']}.\n",

@@ -278,6 +278,7 @@ class FeatureExtractor(nn.Module):
         if autocast not in ("none", "bf16", "fp16"):
             raise FeatreconError(f"--autocast {autocast!r}: choose none, bf16 or fp16")
         self.autocast = autocast
+        self.autocast_cache = True  # off while a CUDA graph is captured (autocast's cache breaks graphs)
         if channels_last:
             self.body = self.body.to(memory_format=torch.channels_last)
 
@@ -289,7 +290,8 @@ class FeatureExtractor(nn.Module):
     def precision(self, device_type: str):
         """The autocast context of the chosen --autocast (disabled for none)."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
-        return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
+                              cache_enabled=self.autocast_cache)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -221,24 +221,34 @@ class ShardEncoder:
         step = max(1, (1 << 20) // max(1, rows[0].nbytes)) if rows else 1
         return [pool.submit(_compress_all, self.compress, rows[i: i + step]) for i in range(0, len(rows), step)]
 
-    def assemble(self, parts: list) -> bytes:
-        """The shard's bytes from its compressed rows (waiting for any still compressing)."""
+    def assemble(self, parts: list) -> np.ndarray:
+        """The shard's bytes (uint8) from its compressed rows, waiting for any still compressing.
+        numpy copies the rows in without holding the GIL (bytes.join would hold it for
+        the whole shard, tens of MB, while the forward's thread waits to launch work)."""
         import google_crc32c
 
         flat = []
         for p in parts:
             flat.extend(p.result()) if isinstance(p, Future) else flat.append(p)
+        flat = [np.frombuffer(p, dtype=np.uint8) for p in flat]
         index = np.full((self.per_shard, 2), _MAX_U64, dtype="<u8")
-        sizes = np.array([len(memoryview(p).cast("B")) for p in flat], dtype=np.uint64)
+        sizes = np.array([len(p) for p in flat], dtype=np.uint64)
         index[: len(flat), 1] = sizes
         index[: len(flat), 0] = np.cumsum(sizes) - sizes
         index_bytes = index.tobytes()
-        return b"".join([*flat, index_bytes, google_crc32c.value(index_bytes).to_bytes(4, "little")])
+        tail = index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")
+        out = np.empty(int(sizes.sum()) + len(tail), dtype=np.uint8)
+        at = 0
+        for p in flat:
+            out[at: at + len(p)] = p
+            at += len(p)
+        out[at:] = np.frombuffer(tail, dtype=np.uint8)
+        return out
 
-    def encode(self, rows, pool: Executor | None = None) -> bytes:
+    def encode(self, rows, pool: Executor | None = None) -> np.ndarray:
         return self.assemble(self.start(rows, pool))
 
-    def put(self, k: int, shard: bytes) -> None:
+    def put(self, k: int, shard: np.ndarray) -> None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 

@@ -9,7 +9,7 @@ import pytest
 def test_quick_benchmark_runs_and_reports_every_section(tmp_path, photo_dir):
     from benchmarks.run import main
 
-    r = main(["--images", str(photo_dir), "--out", str(tmp_path / "res"), "--quick", "--device", "cpu",
+    main(["--images", str(photo_dir), "--out", str(tmp_path / "res"), "--quick", "--device", "cpu",
               "--workers", "0", "--work", str(tmp_path)])
     saved = json.loads((tmp_path / "res" / "latest.json").read_text())
     assert saved["extraction"].keys() == {"all", "layer3"}

@@ -4,7 +4,6 @@ kill, bad input handled, settings never mixed."""
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -293,3 +292,27 @@ def test_gpu_copy_path_equals_the_cpu_path_and_counts_overflow():
         np.testing.assert_array_equal(arrays[name], value, err_msg=name)
     np.testing.assert_array_equal(counts["layer1"], over_cpu["layer1"])
     assert not counts["layer3"].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_graph_replays_equal_the_eager_forward_for_every_batch():
+    """Full batches replay a captured CUDA graph, two graphs taking turns; each batch's host
+    arrays must hold that batch's features even after later batches have run."""
+    from featrecon.extract import GpuForward, to_storage
+
+    model, _ = load_resnet50("random:0")
+    fx = FeatureExtractor(model, resolve_layers("layer1,layer3", model), preprocessing_for("random:0", 64)).cuda()
+    forward = GpuForward(fx, "float16", 4, 64, torch.device("cuda"))
+    assert len(forward.slots) == 2
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8).pin_memory() for n in (4, 4, 4, 4, 4, 3)]
+    results = [forward(b) for b in batches]  # all queued before any is read
+    for k, (b, (arrays, counts, ready)) in enumerate(zip(batches, results)):
+        ready.synchronize()
+        expected, _ = to_storage({name: v.cpu() for name, v in fx(b.cuda()).items()}, "float16")
+        for name, value in expected.items():
+            scale = float(np.abs(value.astype(np.float32)).max())
+            np.testing.assert_allclose(arrays[name].astype(np.float32), value.astype(np.float32),
+                                       rtol=2e-3, atol=2e-3 * scale, err_msg=f"batch {k} {name}")
+        assert not any(c.any() for c in counts.values())

@@ -62,7 +62,6 @@ def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
     """featrecon encodes whole shards itself (zarr's per-chunk pipeline costs as much CPU as
     the compression); the files must be byte for byte what zarr-python writes, last
     partial shard and skipped (all-zero) rows included."""
-    from featrecon.storage import ShardEncoder
 
     n = 8  # shards of 3: the last one holds 2 rows
     meta = CacheMeta(**{**meta_for(n, str(Codec.parse(codec))).__dict__, "dtype": dtype})
