@@ -17,21 +17,8 @@ from pathlib import Path
 import torch
 
 from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
-from featrecon.data import ImageDataset, collate_images, discover_images
-from featrecon.extract import _worker_init
-from benchmarks.run import stock_forward
-
-
-def decode_rate(root, ids, pre, workers, batch):
-    ds = ImageDataset(root, ids, list(range(len(ids))), pre)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_images,
-                                     pin_memory=True, worker_init_fn=_worker_init, prefetch_factor=4)
-    it = iter(dl)
-    next(it)
-    t0, n = time.perf_counter(), 0
-    for _, images, _ in it:
-        n += len(images)
-    return n / (time.perf_counter() - t0)
+from featrecon.data import discover_images
+from benchmarks.run import decode_limit, stock_forward
 
 
 def timed(fn, seconds=2.0):
@@ -62,7 +49,7 @@ def main():
            "cudnn_tf32": torch.backends.cudnn.allow_tf32}
     print(res, flush=True)
     for workers in (6, 12, 15):
-        r = decode_rate(root, ids, pre, workers, 128)
+        r = decode_limit(root, ids, pre, 128, workers, dev)
         res[f"decode_w{workers}"] = r
         print(f"decode {workers} workers: {r:.0f} img/s", flush=True)
     x = torch.randint(0, 255, (256, 3, 224, 224), dtype=torch.uint8).pin_memory()

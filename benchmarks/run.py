@@ -114,15 +114,11 @@ def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path,
     return json.loads(stats.read_text())
 
 
-def decode_limit(files_root: Path, ids: list[str], pre, args, device) -> float:
+def decode_limit(files_root: Path, ids: list[str], pre, batch_size: int, workers: int, device) -> float:
     """images/s of the decoding stage alone: the same DataLoader extraction uses, no forward."""
-    from featrecon.data import ImageDataset, collate_images
-    from featrecon.extract import _worker_init
+    from featrecon.extract import image_loader
 
-    dl = torch.utils.data.DataLoader(
-        ImageDataset(files_root, ids, list(range(len(ids))), pre), batch_size=args.batch_size,
-        num_workers=args.workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if args.workers else None, prefetch_factor=4 if args.workers else None)
+    dl = image_loader(files_root, ids, list(range(len(ids))), pre, batch_size, workers, device)
     start = time.perf_counter()
     it = iter(dl)
     first = len(next(it)[1])  # worker start-up: left out, as in the extraction's rate
@@ -160,7 +156,7 @@ def bench_extraction(args, files_root: Path, ids: list[str], work: Path, device)
     Also each stage alone (decoding, compression), which bounds extraction from above."""
     pre = preprocessing_for(load_resnet50(args.weights)[1], args.size)
     images = torch.stack([torch.from_numpy(load_image(files_root / i, pre)) for i in ids])
-    decode = decode_limit(files_root, ids, pre, args, device)
+    decode = decode_limit(files_root, ids, pre, args.batch_size, args.workers, device)
     log.info("decoding alone (%d workers): %.1f img/s", args.workers, decode)
     out = {}
     for layers in ("all", "layer3"):

@@ -274,21 +274,31 @@ def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str,
     """Cast to the stored dtype, count per-sample float16 overflow, as numpy (CPU tensors)."""
     arrays, overflow = {}, {}
     for layer, v in features.items():
-        h = v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()  # NCHW on disk
+        h = _stored(v, dtype)
         # Two cheap reductions decide (abs() would allocate a copy); the per-sample count runs
         # only when something overflowed.
         if dtype == "float16" and (v.amax() > FP16_MAX or v.amin() < -FP16_MAX):
-            overflow[layer] = (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1).cpu().numpy()
+            overflow[layer] = _overflow_counts(h, v).cpu().numpy()
         arrays[S.feature_path(layer)] = h.cpu().numpy()  # (B, C, H, W)
     return arrays, overflow
+
+
+def _stored(v: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A layer's activations as stored: the cache's dtype, NCHW."""
+    return v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()
+
+
+def _overflow_counts(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per sample, the values that became inf in the float16 `h` but were finite in `v`."""
+    return (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1)
 
 
 def _on_device(features: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple]:
     """Each layer cast to the stored dtype (NCHW) and its per-sample float16 overflow count."""
     out = {}
     for layer, v in features.items():
-        h = v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()
-        out[layer] = (h, (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1) if dtype == "float16" else None)
+        h = _stored(v, dtype)
+        out[layer] = (h, _overflow_counts(h, v) if dtype == "float16" else None)
     return out
 
 
@@ -383,6 +393,16 @@ def _disk_error(e: OSError, out: Path) -> FeatreconError:
     return FeatreconError(f"--out {out}: write failed ({e.strerror or e}); rerun the same command to resume")
 
 
+def image_loader(root: Path, ids: list[str], indices: list[int], pre, batch_size: int, workers: int,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches (indices, uint8 images, skip reasons) of `ids[indices]`, in order, decoded by
+    `workers` processes (pinned for a GPU)."""
+    return torch.utils.data.DataLoader(
+        ImageDataset(root, ids, indices, pre), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=collate_images, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is PIL work; leave the cores to the forward
 
@@ -419,10 +439,7 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
     indices = [i for k in shards for i in range(*meta.shard_bounds(k))]
     if len(shards) < len(meta.shards()):
         log.info("resuming %s: %d of %d shards already written", cfg.out, len(meta.shards()) - len(shards), len(meta.shards()))
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(root, ids, indices, meta.preprocessing), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=cfg.workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if cfg.workers else None, prefetch_factor=4 if cfg.workers else None)
+    loader = image_loader(root, ids, indices, meta.preprocessing, cfg.batch_size, cfg.workers, device)
     batches = iter(loader)  # fork the workers before the writer thread exists
     # Compression threads: one zstd thread manages about 0.5 GB/s, and a GPU backbone asking
     # for every layer produces several GB/s. They work on whole shards handed over by the
