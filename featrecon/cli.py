@@ -51,7 +51,7 @@ def extract_parser() -> argparse.ArgumentParser:
                    "random[:SEED], or auto (IMAGENET1K_V2; random:0 with a warning when it cannot be downloaded)")
     p.add_argument("--size", type=int, help="crop size in pixels (default: the weights' own, 224)")
     p.add_argument("--dtype", default="float16", help="stored feature dtype: float16 or float32")
-    p.add_argument("--codec", default="zstd:1", help="zstd[:LEVEL], lz4 (blosc, bit-shuffle), blosc-zstd, none")
+    p.add_argument("--codec", default="zstd:1", help="zstd[:LEVEL] (up to 22: smaller; negative: faster), lz4 (blosc, bit-shuffle), blosc-zstd, none")
     p.add_argument("--batch-size", type=int, help="images per forward (default: 8 on a CPU, 128 on a GPU)")
     p.add_argument("--workers", type=int, help="image-decoding processes (default: 2 on a CPU, "
                    "all cores but two on a GPU)")

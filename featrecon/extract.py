@@ -15,6 +15,7 @@ import datetime as _dt
 import errno
 import hashlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -36,7 +37,6 @@ from .schema import CacheMeta, Codec
 from .storage import CacheStore, create_cache, format_for, open_cache
 
 log = logging.getLogger(__name__)
-FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -275,9 +275,10 @@ def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str,
     arrays, overflow = {}, {}
     for layer, v in features.items():
         h = _stored(v, dtype)
-        # Two cheap reductions decide (abs() would allocate a copy); the per-sample count runs
-        # only when something overflowed.
-        if dtype == "float16" and (v.amax() > FP16_MAX or v.amin() < -FP16_MAX):
+        # Two reductions over the float16 result decide (half the bytes of `v`, and NCHW after
+        # the cast: 0.7 ms per image for all layers, against 1.1 over the float32 `v`); a NaN
+        # fails both comparisons and so also takes the exact per-sample count.
+        if dtype == "float16" and not (h.amax() < math.inf and h.amin() > -math.inf):
             overflow[layer] = _overflow_counts(h, v).cpu().numpy()
         arrays[S.feature_path(layer)] = h.cpu().numpy()  # (B, C, H, W)
     return arrays, overflow

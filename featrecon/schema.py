@@ -56,6 +56,9 @@ class Codec:
             lvl = int(level) if level else (1 if name == "zstd" else 5)
         except ValueError:
             raise FeatreconError(f"--codec {text!r}: the level after ':' must be an integer") from None
+        low, high = {"zstd": (-131072, 22), "none": (lvl, lvl)}.get(name, (0, 9))  # zstd: negative = fast modes
+        if not low <= lvl <= high:
+            raise FeatreconError(f"--codec {text!r}: level must be between {low} and {high} for {name}")
         return cls(name, lvl)
 
     def __str__(self) -> str:

@@ -13,7 +13,7 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path, photo_dir):
               "--workers", "0", "--work", str(tmp_path)])
     saved = json.loads((tmp_path / "res" / "latest.json").read_text())
     assert saved["extraction"].keys() == {"all", "layer3"}
-    assert {row["codec"] for row in saved["storage"]} == {"none", "zstd:1", "zstd:3", "lz4:5", "blosc-zstd:5"}
+    assert {row["codec"] for row in saved["storage"]} == {"none", "zstd:1", "zstd:3", "zstd:-3", "lz4:5", "blosc-zstd:5"}
     assert {row["format"] for row in saved["storage"]} == {"zarr", "hdf5"}
     for v in saved["extraction"].values():
         assert v["ratio"] > 0 and v["images"] == 6

@@ -19,7 +19,7 @@ from PIL import Image
 from featrecon import FeatreconError
 from featrecon import schema as S
 from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
-from featrecon.extract import ExtractConfig, extract
+from featrecon.extract import ExtractConfig, extract, to_storage
 from featrecon.storage import open_cache
 
 from conftest import SIZE, direct_forward, make_image_folder
@@ -183,6 +183,10 @@ def test_input_errors_are_one_clear_line(tmp_path, photo_dir):
         extract(cfg(tmp_path / "c.zarr", photo_dir, dtype="int8"))
     with pytest.raises(FeatreconError, match="--codec"):
         extract(cfg(tmp_path / "c.zarr", photo_dir, codec="gzip"))
+    with pytest.raises(FeatreconError, match="level must be between -131072 and 22"):
+        extract(cfg(tmp_path / "c.zarr", photo_dir, codec="zstd:23"))
+    with pytest.raises(FeatreconError, match="level must be between 0 and 9"):
+        extract(cfg(tmp_path / "c.zarr", photo_dir, codec="lz4:12"))
     with pytest.raises(FeatreconError, match="not a known name nor an existing file"):
         extract(cfg(tmp_path / "c.zarr", photo_dir, weights="IMAGENET_V9"))
 
@@ -236,6 +240,24 @@ def test_float16_overflow_is_counted(tmp_path, photo_dir):
         stem = store.read(S.feature_path("stem"), 0, 2)
         assert int(np.isinf(stem).sum()) == result.overflow["stem"]
         assert store.meta.weights == str(wfile.resolve())
+
+
+def test_to_storage_counts_exactly_the_values_float16_turns_into_inf():
+    """65510 rounds to 65504 (kept), 70000 and -70000 overflow; NaN and an inf already in
+    the float32 activations are not overflow, even in a sample that also overflows."""
+    v = torch.zeros(3, 2, 4, 4).contiguous(memory_format=torch.channels_last)
+    v[0, 0, 0, 0] = 65510.0
+    v[1, 0, 0, 0], v[1, 1, 2, 3] = 70000.0, -70000.0
+    v[2, 0, 0, 0], v[2, 0, 1, 1], v[2, 1, 0, 0] = float("nan"), float("inf"), 1e6
+    arrays, overflow = to_storage({"x": v}, "float16")
+    h = arrays[S.feature_path("x")]
+    assert h.dtype == np.float16 and h.shape == (3, 2, 4, 4) and h.flags.c_contiguous
+    assert h[0, 0, 0, 0] == 65504 and overflow["x"].tolist() == [0, 2, 1]
+    np.testing.assert_array_equal(h, v.numpy().astype(np.float16))
+    _, none = to_storage({"x": v[:1]}, "float16")
+    assert none == {}  # nothing turned into inf: no per-sample count at all
+    _, f32 = to_storage({"x": v}, "float32")
+    assert f32 == {}
 
 
 def _status_count(out: Path) -> int:

@@ -30,7 +30,7 @@ def sample(i: int, shape, dtype) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("codec", ["zstd:1", "zstd:9", "lz4", "blosc-zstd", "none"])
+@pytest.mark.parametrize("codec", ["zstd:1", "zstd:9", "zstd:-3", "lz4", "blosc-zstd", "none"])
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_round_trip_exact(tmp_path, codec, suffix):
     n = 8
@@ -56,7 +56,7 @@ def test_round_trip_exact(tmp_path, codec, suffix):
         np.testing.assert_array_equal(st.read_all(S.LABELS), np.arange(n) - 1)
 
 
-@pytest.mark.parametrize("codec", ["zstd:1", "zstd:3", "lz4", "blosc-zstd", "none"])
+@pytest.mark.parametrize("codec", ["zstd:1", "zstd:3", "zstd:-3", "lz4", "blosc-zstd", "none"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
     """featrecon encodes whole shards itself (zarr's per-chunk pipeline costs as much CPU as
