@@ -295,6 +295,10 @@ class FeatureExtractor(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.features(images)
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward without its inference-mode wrapper, for torch.compile to trace."""
         x = self.prepare(images)
         with self.precision(x.device.type):
             out = self.body(x)

@@ -57,6 +57,9 @@ def extract_parser() -> argparse.ArgumentParser:
                    "all cores but two on a GPU)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="reduced-precision forward")
     p.add_argument("--no-channels-last", action="store_true", help="contiguous NCHW convolutions (slower)")
+    p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
+                   help="on a CPU, run the forward through torch.compile: 15-30%% faster after a 10-25 s compile "
+                   "(auto: for runs of 3000 images or more; a GPU replays CUDA graphs instead)")
     p.add_argument("--holdout-fraction", type=float, default=0.1)
     p.add_argument("--labels", type=Path, help="CSV of path,label, or ILSVRC2012_validation_ground_truth.txt")
     p.add_argument("--class-map", type=Path, help="devkit mapping for the ground truth "
@@ -83,7 +86,7 @@ def _extract(args: argparse.Namespace) -> None:
         dtype=args.dtype, codec=args.codec, fmt=args.fmt, batch_size=args.batch_size, workers=args.workers,
         device=args.device, autocast=args.autocast, channels_last=not args.no_channels_last,
         holdout_fraction=args.holdout_fraction, labels=args.labels, class_map=args.class_map, limit=args.limit,
-        overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress))
+        overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress, compile=args.compile))
     if args.stats:
         write_json(result.summary(), args.stats)
 

@@ -61,6 +61,7 @@ class ExtractConfig:
     overwrite: bool = False  # replace an existing cache instead of resuming it
     shard_size: int = S.DEFAULT_SHARD_SIZE  # samples per shard / per write
     progress: bool = True  # tqdm bar
+    compile: str = "auto"  # CPU forward through torch.compile: yes, no, or auto (runs of COMPILE_AUTO_MIN images or more)
 
 
 @dataclass
@@ -115,6 +116,17 @@ def with_device_defaults(cfg: ExtractConfig, device: torch.device) -> ExtractCon
         workers=auto_workers(device) if cfg.workers is None else cfg.workers)
 
 
+# Below this many images, --compile auto runs eagerly: compiling (10-25 s) saved 4-5 ms per
+# image of extraction on a 2-core CPU, so it pays for itself after some 2,000-5,000 images.
+COMPILE_AUTO_MIN = 3000
+
+
+def use_compile(choice: str, n_images: int) -> bool:
+    if choice not in ("auto", "yes", "no"):
+        raise FeatreconError(f"--compile {choice!r}: choose auto, yes or no")
+    return choice == "yes" or (choice == "auto" and n_images >= COMPILE_AUTO_MIN)
+
+
 def _check_config(cfg: ExtractConfig) -> None:
     if cfg.dtype not in S.FEATURE_DTYPES:
         raise FeatreconError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(S.FEATURE_DTYPES)}")
@@ -126,6 +138,7 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise FeatreconError(f"--workers {cfg.workers}: must be 0 (decode in the main process) or more")
     if cfg.limit is not None and cfg.limit < 1:
         raise FeatreconError(f"--limit {cfg.limit}: must be at least 1")
+    use_compile(cfg.compile, 0)
 
 
 def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, weights_fp: str, pre,
@@ -272,16 +285,7 @@ class ShardWriter(threading.Thread):
 
 def to_storage(features: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Cast to the stored dtype, count per-sample float16 overflow, as numpy (CPU tensors)."""
-    arrays, overflow = {}, {}
-    for layer, v in features.items():
-        h = _stored(v, dtype)
-        # Two reductions over the float16 result decide (half the bytes of `v`, and NCHW after
-        # the cast: 0.7 ms per image for all layers, against 1.1 over the float32 `v`); a NaN
-        # fails both comparisons and so also takes the exact per-sample count.
-        if dtype == "float16" and not (h.amax() < math.inf and h.amin() > -math.inf):
-            overflow[layer] = _overflow_counts(h, v).cpu().numpy()
-        arrays[S.feature_path(layer)] = h.cpu().numpy()  # (B, C, H, W)
-    return arrays, overflow
+    return _to_numpy(_cast_with_range(features, dtype))
 
 
 def _stored(v: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -289,9 +293,34 @@ def _stored(v: torch.Tensor, dtype: str) -> torch.Tensor:
     return v.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()
 
 
-def _overflow_counts(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per sample, the values that became inf in the float16 `h` but were finite in `v`."""
-    return (torch.isinf(h) & torch.isfinite(v)).flatten(1).sum(1)
+def _overflow_counts(h: torch.Tensor) -> torch.Tensor:
+    """Per sample, the values stored as +-inf in the float16 `h`: those beyond float16's range
+    (|x| >= 65520, which does not round to 65504), or an inf the float32 forward already had."""
+    return torch.isinf(h).flatten(1).sum(1)
+
+
+def _cast_with_range(features: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple]:
+    """Each layer in the stored dtype (NCHW) with, for float16, its largest and smallest value:
+    two reductions over the float16 result cost less than counting infinities in every sample
+    (0.7 ms per image for all layers, against 1.1 for the same two over the float32 activations)."""
+    out = {}
+    for layer, v in features.items():
+        h = _stored(v, dtype)
+        out[layer] = (h, h.amax(), h.amin()) if dtype == "float16" else (h, None, None)
+    return out
+
+
+def _to_numpy(cast: dict[str, tuple], n: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The first `n` samples of `_cast_with_range`'s CPU tensors as numpy arrays, and per-sample
+    overflow counts of the layers whose range reached an infinity (or a NaN, which fails both
+    comparisons: it takes the exact count, which leaves it out)."""
+    arrays, overflow = {}, {}
+    for layer, (h, hi, lo) in cast.items():
+        h = h[:n]
+        if hi is not None and not (hi < math.inf and lo > -math.inf):
+            overflow[layer] = _overflow_counts(h).numpy()
+        arrays[S.feature_path(layer)] = h.numpy()  # (B, C, H, W)
+    return arrays, overflow
 
 
 def _on_device(features: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple]:
@@ -299,7 +328,7 @@ def _on_device(features: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple
     out = {}
     for layer, v in features.items():
         h = _stored(v, dtype)
-        out[layer] = (h, _overflow_counts(h, v) if dtype == "float16" else None)
+        out[layer] = (h, _overflow_counts(h) if dtype == "float16" else None)
     return out
 
 
@@ -387,6 +416,55 @@ class GpuForward:
             return to_host_async(feats, self.dtype, self.copy_stream)
 
 
+class CompiledForward:
+    """On a CPU: the forward, the cast to the stored dtype and the overflow count as one
+    function compiled by torch.compile (inductor, with the weights frozen in as constants).
+
+    Inductor fuses the elementwise work around the convolutions (the residual adds, the
+    ReLUs, the normalisation of the input, the float16 cast, the layout change to NCHW
+    and the range check) into the kernels that produce it. On a 2-core CPU, extraction
+    ran 11-12% faster (all layers and layer3, A/B runs on 480 images), and the forward
+    gave the same bytes as the eager one. Compiling takes 10-25 s, once per process
+    (inductor also caches its work on disk).
+
+    Every batch runs at the one batch size it was compiled for: a shorter last batch is
+    padded with zeros and its outputs cut back, so nothing is compiled twice. If the
+    compile fails (no C++ compiler, an unsupported platform), everything runs eagerly,
+    with a warning."""
+
+    def __init__(self, extractor: FeatureExtractor, dtype: str, batch: int, size: int):
+        self.extractor, self.dtype, self.batch = extractor, dtype, batch
+
+        def stored(images: torch.Tensor) -> dict[str, tuple]:
+            return _cast_with_range(extractor.features(images), dtype)
+
+        t0 = time.perf_counter()
+        # Without CUDA, torch's C++ toolchain module warns about CUDA_HOME on every compile.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        try:
+            # emulate_precision_casts: round where the eager code rounds. Without it inductor keeps
+            # the float32 value inside a fused kernel, and isinf() of the float16 cast never fires
+            # (a test caught the overflow count at 0); with autocast it would also differ from eager.
+            self.fn = torch.compile(stored, options={"freezing": True, "emulate_precision_casts": True}, dynamic=False)
+            x = torch.zeros((batch, 3, size, size), dtype=torch.uint8)  # made outside inference mode, as the
+            with torch.inference_mode():  # loader's batches are: an inference tensor would compile again
+                self.fn(x)
+        except Exception as e:  # inductor raises many types; any of them means: run eagerly
+            log.warning("torch.compile failed (%s: %s); the forward runs eagerly", type(e).__name__,
+                        (str(e).strip().splitlines() or [""])[0][:200])
+            self.fn = None
+        self.compile_seconds = time.perf_counter() - t0
+
+    def __call__(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        if self.fn is None:
+            return to_storage(self.extractor(images), self.dtype)
+        n = len(images)
+        if n < self.batch:
+            images = torch.cat([images, images.new_zeros((self.batch - n, *images.shape[1:]))])
+        with torch.inference_mode():
+            return _to_numpy(self.fn(images), n)
+
+
 def _disk_error(e: OSError, out: Path) -> FeatreconError:
     if e.errno == errno.ENOSPC:
         return FeatreconError(f"--out {out}: disk full while writing; free space and rerun the same command "
@@ -453,6 +531,12 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
                          graphs=2 if len(indices) >= 8 * cfg.batch_size else 0)
     # On a CPU the backbone is the limit and more writer threads only take its cores
     # (layer3, 240 images: 27.8/26.8 img/s with one, 26.4/26.3 with four).
+    compiled, compile_s = None, 0.0
+    if device.type == "cpu" and use_compile(cfg.compile, len(indices)):
+        log.info("compiling the forward with torch.compile (10-25 s; --compile no skips it)")
+        compiled = CompiledForward(extractor, meta.dtype, cfg.batch_size, meta.image_shape[1])
+        log.info("compiled in %.1f s", compiled.compile_seconds)
+        compile_s = compiled.compile_seconds
     writer = ShardWriter(store, shards, disk_threads=1 if device.type == "cpu" else 4)
     writer.start()
     t0, forward_s, wait_s = time.perf_counter(), 0.0, 0.0
@@ -465,6 +549,8 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
             wait_s += tf - tw
             if gpu is not None:
                 arrays, overflow, ready = gpu(images)
+            elif compiled is not None:
+                (arrays, overflow), ready = compiled(images), None
             else:
                 (arrays, overflow), ready = to_storage(extractor(images.to(device)), meta.dtype), None
             arrays[S.IMAGES] = images.numpy()
@@ -490,7 +576,7 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
         path=cfg.out, n=meta.n, done=int((status == S.STATUS_DONE).sum()), skipped=store.skipped(),
         overflow=store.overflow_totals(), processed=len(indices), seconds=seconds, weights=meta.weights,
         stats={"forward_seconds": forward_s, "loader_wait_seconds": wait_s, "write_seconds": writer.write_seconds,
-               "final_write_seconds": tail, "shards_written": writer.written,
+               "final_write_seconds": tail, "shards_written": writer.written, "compile_seconds": compile_s,
                "first_batch_images": warm.get("images", 0), "first_batch_seconds": warm.get("seconds", 0.0)})
     _report(result)
     return result

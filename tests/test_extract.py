@@ -187,6 +187,8 @@ def test_input_errors_are_one_clear_line(tmp_path, photo_dir):
         extract(cfg(tmp_path / "c.zarr", photo_dir, codec="zstd:23"))
     with pytest.raises(FeatreconError, match="level must be between 0 and 9"):
         extract(cfg(tmp_path / "c.zarr", photo_dir, codec="lz4:12"))
+    with pytest.raises(FeatreconError, match="--compile 'maybe': choose auto, yes or no"):
+        extract(cfg(tmp_path / "c.zarr", photo_dir, compile="maybe"))
     with pytest.raises(FeatreconError, match="not a known name nor an existing file"):
         extract(cfg(tmp_path / "c.zarr", photo_dir, weights="IMAGENET_V9"))
 
@@ -243,8 +245,8 @@ def test_float16_overflow_is_counted(tmp_path, photo_dir):
 
 
 def test_to_storage_counts_exactly_the_values_float16_turns_into_inf():
-    """65510 rounds to 65504 (kept), 70000 and -70000 overflow; NaN and an inf already in
-    the float32 activations are not overflow, even in a sample that also overflows."""
+    """65510 rounds to 65504 (kept), 70000 and -70000 overflow; an inf already in the float32
+    activations is out of range too; a NaN is not counted, even in a sample that overflows."""
     v = torch.zeros(3, 2, 4, 4).contiguous(memory_format=torch.channels_last)
     v[0, 0, 0, 0] = 65510.0
     v[1, 0, 0, 0], v[1, 1, 2, 3] = 70000.0, -70000.0
@@ -252,12 +254,49 @@ def test_to_storage_counts_exactly_the_values_float16_turns_into_inf():
     arrays, overflow = to_storage({"x": v}, "float16")
     h = arrays[S.feature_path("x")]
     assert h.dtype == np.float16 and h.shape == (3, 2, 4, 4) and h.flags.c_contiguous
-    assert h[0, 0, 0, 0] == 65504 and overflow["x"].tolist() == [0, 2, 1]
+    assert h[0, 0, 0, 0] == 65504 and overflow["x"].tolist() == [0, 2, 2]
     np.testing.assert_array_equal(h, v.numpy().astype(np.float16))
     _, none = to_storage({"x": v[:1]}, "float16")
     assert none == {}  # nothing turned into inf: no per-sample count at all
     _, f32 = to_storage({"x": v}, "float32")
     assert f32 == {}
+
+
+@pytest.mark.slow
+def test_compiled_cpu_forward_writes_what_the_eager_forward_writes(tmp_path, photo_dir):
+    """torch.compile'd forward + cast + overflow count (one compile; a short last batch is
+    padded to the compiled size) against the eager path, with weights that overflow the stem."""
+    model, _ = load_resnet50("random:0")
+    sd = model.state_dict()
+    sd["conv1.weight"] = sd["conv1.weight"] * 3e4  # some stem values pass 65504, not all
+    wfile = tmp_path / "big.pt"
+    torch.save(sd, wfile)
+    n = len(list(photo_dir.iterdir()))
+    assert n % 4, "the last batch must be a short one"
+    runs = {c: extract(cfg(tmp_path / f"{c}.zarr", photo_dir, layers="stem,layer2", weights=str(wfile), compile=c))
+            for c in ("no", "yes")}
+    assert runs["yes"].stats["compile_seconds"] > 0 and runs["no"].stats["compile_seconds"] == 0
+    assert runs["no"].overflow.get("stem", 0) > 0 and runs["yes"].overflow == runs["no"].overflow
+    with open_cache(tmp_path / "no.zarr") as eager, open_cache(tmp_path / "yes.zarr") as compiled:
+        for name in (S.IMAGES, S.feature_path("stem"), S.feature_path("layer2")):
+            a, b = eager.read(name, 0, n), compiled.read(name, 0, n)
+            np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=name)
+            fin = np.isfinite(a)
+            np.testing.assert_allclose(b[fin].astype(np.float32), a[fin].astype(np.float32), rtol=2e-3, atol=1e-3,
+                                       err_msg=name)
+
+
+def test_failed_compile_falls_back_to_the_eager_forward(tmp_path, photo_dir, monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    extract(cfg(tmp_path / "a.zarr", photo_dir, layers="layer1", compile="yes"))
+    assert "torch.compile failed (RuntimeError: no C++ compiler here); the forward runs eagerly" in caplog.text
+    extract(cfg(tmp_path / "b.zarr", photo_dir, layers="layer1", compile="no"))
+    with open_cache(tmp_path / "a.zarr") as a, open_cache(tmp_path / "b.zarr") as b:
+        name = S.feature_path("layer1")
+        np.testing.assert_array_equal(a.read(name, 0, a.meta.n), b.read(name, 0, b.meta.n))
 
 
 def _status_count(out: Path) -> int:
