@@ -462,13 +462,17 @@ def plot(r: dict, path: Path) -> None:
     bars += [(f"loader {l} ({s}) / seq", v["ratio_loader_to_sequential"], 0.8)
              for l, st in r["loader"].items() for s, v in st.items()]
     bars.append(("1 - data wait (cache)", 1 - r["training"]["from_cache"]["data_wait_fraction"], 0.9))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))
     y = np.arange(len(bars))
     ax.barh(y, [b[1] for b in bars], color=["tab:green" if b[1] >= b[2] else "tab:orange" for b in bars])
-    ax.scatter([b[2] for b in bars], y, marker="|", s=300, color="k", label="target")
+    ext = list(r["extraction"].values())  # the extraction bars come first: whiskers span their rounds
+    ax.errorbar([v["ratio"] for v in ext], y[:len(ext)], fmt="none", ecolor="k", capsize=3, label="lowest-highest round",
+                xerr=[[v["ratio"] - v.get("ratio_low", v["ratio"]) for v in ext],
+                      [v.get("ratio_high", v["ratio"]) - v["ratio"] for v in ext]])
+    ax.scatter([b[2] for b in bars], y, marker="|", s=300, color="tab:red", label="target")
     ax.set_yticks(y, [b[0] for b in bars], fontsize=8)
     ax.set(xlabel="ratio measured in one run", xlim=(0, max(1.1, max(b[1] for b in bars) * 1.05)))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
