@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,7 +448,10 @@ class CompiledForward:
             # (a test caught the overflow count at 0); with autocast it would also differ from eager.
             self.fn = torch.compile(stored, options={"freezing": True, "emulate_precision_casts": True}, dynamic=False)
             x = torch.zeros((batch, 3, size, size), dtype=torch.uint8)  # made outside inference mode, as the
-            with torch.inference_mode():  # loader's batches are: an inference tensor would compile again
+            with torch.inference_mode(), warnings.catch_warnings():  # loader's batches are: an inference
+                # tensor would compile again. With --autocast bf16 inductor notes that a kernel mixes
+                # bfloat16 and float16 (the cast for storage), which is what is asked for.
+                warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
                 self.fn(x)
         except Exception as e:  # inductor raises many types; any of them means: run eagerly
             log.warning("torch.compile failed (%s: %s); the forward runs eagerly", type(e).__name__,
