@@ -243,7 +243,7 @@ def _fmt(s: dict, digits: int) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| run | layer(s) | parameters | epochs | n images | MSE | PSNR (dB) | SSIM |",
+    lines = ["| run | layer(s) | parameters | checkpoint epoch | n images | MSE | PSNR (dB) | SSIM |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['layers']} | {r['parameters']:,} | {r['epochs']} | {r['n']} | "
