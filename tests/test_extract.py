@@ -287,11 +287,20 @@ def test_compiled_cpu_forward_writes_what_the_eager_forward_writes(tmp_path, pho
 
 
 def test_failed_compile_falls_back_to_the_eager_forward(tmp_path, photo_dir, monkeypatch, caplog):
+    """--compile auto compiles from COMPILE_AUTO_MIN images on; a compile that fails warns and
+    the run goes on eagerly, with the eager run's bytes."""
+    import featrecon.extract as E
+
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch, "compile", broken)
-    extract(cfg(tmp_path / "a.zarr", photo_dir, layers="layer1", compile="yes"))
+    n = len(list(photo_dir.iterdir()))
+    monkeypatch.setattr(E, "COMPILE_AUTO_MIN", n + 1)
+    extract(cfg(tmp_path / "small.zarr", photo_dir, layers="layer1"))
+    assert "torch.compile failed" not in caplog.text  # below the threshold: never tried
+    monkeypatch.setattr(E, "COMPILE_AUTO_MIN", n)
+    extract(cfg(tmp_path / "a.zarr", photo_dir, layers="layer1"))
     assert "torch.compile failed (RuntimeError: no C++ compiler here); the forward runs eagerly" in caplog.text
     extract(cfg(tmp_path / "b.zarr", photo_dir, layers="layer1", compile="no"))
     with open_cache(tmp_path / "a.zarr") as a, open_cache(tmp_path / "b.zarr") as b:
