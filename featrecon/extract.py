@@ -533,14 +533,13 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
     if device.type == "cuda":  # graphs pay for their capture (a few forwards) only on longer runs
         gpu = GpuForward(extractor, meta.dtype, cfg.batch_size, meta.image_shape[1], device,
                          graphs=2 if len(indices) >= 8 * cfg.batch_size else 0)
-    # On a CPU the backbone is the limit and more writer threads only take its cores
-    # (layer3, 240 images: 27.8/26.8 img/s with one, 26.4/26.3 with four).
-    compiled, compile_s = None, 0.0
+    compiled = None
     if device.type == "cpu" and use_compile(cfg.compile, len(indices)):
         log.info("compiling the forward with torch.compile (10-25 s; --compile no skips it)")
         compiled = CompiledForward(extractor, meta.dtype, cfg.batch_size, meta.image_shape[1])
         log.info("compiled in %.1f s", compiled.compile_seconds)
-        compile_s = compiled.compile_seconds
+    # On a CPU the backbone is the limit and more writer threads only take its cores
+    # (layer3, 240 images: 27.8/26.8 img/s with one, 26.4/26.3 with four).
     writer = ShardWriter(store, shards, disk_threads=1 if device.type == "cpu" else 4)
     writer.start()
     t0, forward_s, wait_s = time.perf_counter(), 0.0, 0.0
@@ -580,7 +579,8 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
         path=cfg.out, n=meta.n, done=int((status == S.STATUS_DONE).sum()), skipped=store.skipped(),
         overflow=store.overflow_totals(), processed=len(indices), seconds=seconds, weights=meta.weights,
         stats={"forward_seconds": forward_s, "loader_wait_seconds": wait_s, "write_seconds": writer.write_seconds,
-               "final_write_seconds": tail, "shards_written": writer.written, "compile_seconds": compile_s,
+               "final_write_seconds": tail, "shards_written": writer.written,
+               "compile_seconds": compiled.compile_seconds if compiled is not None else 0.0,
                "first_batch_images": warm.get("images", 0), "first_batch_seconds": warm.get("seconds", 0.0)})
     _report(result)
     return result
