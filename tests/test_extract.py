@@ -179,18 +179,13 @@ def test_input_errors_are_one_clear_line(tmp_path, photo_dir):
     blocker.write_text("x")
     with pytest.raises(FeatreconError, match="--out"):
         extract(cfg(blocker / "c.zarr", photo_dir))
-    with pytest.raises(FeatreconError, match="--dtype"):
-        extract(cfg(tmp_path / "c.zarr", photo_dir, dtype="int8"))
-    with pytest.raises(FeatreconError, match="--codec"):
-        extract(cfg(tmp_path / "c.zarr", photo_dir, codec="gzip"))
-    with pytest.raises(FeatreconError, match="level must be between -131072 and 22"):
-        extract(cfg(tmp_path / "c.zarr", photo_dir, codec="zstd:23"))
-    with pytest.raises(FeatreconError, match="level must be between 0 and 9"):
-        extract(cfg(tmp_path / "c.zarr", photo_dir, codec="lz4:12"))
-    with pytest.raises(FeatreconError, match="--compile 'maybe': choose auto, yes or no"):
-        extract(cfg(tmp_path / "c.zarr", photo_dir, compile="maybe"))
-    with pytest.raises(FeatreconError, match="not a known name nor an existing file"):
-        extract(cfg(tmp_path / "c.zarr", photo_dir, weights="IMAGENET_V9"))
+    for bad, match in ((dict(dtype="int8"), "--dtype"), (dict(codec="gzip"), "--codec"),
+                       (dict(codec="zstd:23"), "level must be between -131072 and 22"),
+                       (dict(codec="lz4:12"), "level must be between 0 and 9"),
+                       (dict(compile="maybe"), "--compile 'maybe': choose auto, yes or no"),
+                       (dict(weights="IMAGENET_V9"), "not a known name nor an existing file")):
+        with pytest.raises(FeatreconError, match=match):
+            extract(cfg(tmp_path / "c.zarr", photo_dir, **bad))
 
 
 def test_download_failure_names_the_alternatives(monkeypatch):
