@@ -114,10 +114,14 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
     p.add_argument("--loss", default="mse", choices=["mse", "l1", "mse+ssim"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 ran 8x slower on a 2-core CPU)")
+    p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
+                   help="torch.compile the decoder (auto: on CUDA; eager, with a warning, if compiling fails)")
     p.add_argument("--in-memory", default="auto", choices=["auto", "yes", "no"],
                    help="load the training arrays into RAM once (auto: when they fit comfortably)")
-    p.add_argument("--prefetch", type=int, default=4, help="shards read ahead by background threads")
+    p.add_argument("--prefetch", type=int, help="shards read ahead of the step (default: twice --read-threads)")
+    p.add_argument("--read-threads", type=int, help="threads decoding the cache (default: all cores)")
     p.add_argument("--eval-samples", type=int, default=64, help="fixed train subset for the per-epoch PSNR")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last.pt")
     p.add_argument("--allow-partial", action="store_true", help="train on the done samples of an unfinished cache")
@@ -133,7 +137,8 @@ def _train(args: argparse.Namespace) -> None:
     fit(TrainConfig(
         cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, loss=args.loss,
-        seed=args.seed, device=args.device, amp=args.amp, in_memory=args.in_memory, prefetch=args.prefetch,
+        seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
+        prefetch=args.prefetch, read_threads=args.read_threads,
         eval_samples=args.eval_samples, resume=args.resume, allow_partial=args.allow_partial,
         progress=not args.no_progress))
 

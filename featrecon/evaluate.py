@@ -150,7 +150,7 @@ def mean_train_image(store: CacheStore) -> np.ndarray:
     idx = np.flatnonzero((status == S.STATUS_DONE) & (split == S.SPLIT_TRAIN))
     if len(idx) == 0:
         idx = np.flatnonzero(status == S.STATUS_DONE)
-    loader = CacheLoader(store.path, (), idx, 64, shuffle=False, in_memory=False)
+    loader = CacheLoader(store.path, (), idx, 64, shuffle=False, in_memory=False, reuse_buffers=True)
     total = np.zeros(store.meta.image_shape, np.float64)
     for b in loader.epoch(0):
         total += b.images.double().sum(0).numpy()
@@ -161,7 +161,7 @@ def mean_train_image(store: CacheStore) -> np.ndarray:
 def score_baseline(store: CacheStore, idx: np.ndarray, batch_size: int) -> dict:
     """The mean training image as a predictor of every scored image: the floor to beat."""
     mean = torch.from_numpy(mean_train_image(store))
-    loader = CacheLoader(store.path, (), idx, batch_size, shuffle=False, in_memory=False)
+    loader = CacheLoader(store.path, (), idx, batch_size, shuffle=False, in_memory=False, reuse_buffers=True)
     parts = {k: [] for k in METRICS}
     for b in loader.epoch(0):
         target = b.images.float() / 255
@@ -184,7 +184,8 @@ def score(cfg: ScoreConfig) -> dict:
         rows, recon = [], {}
         for name, path, ckpt in ckpts:
             model = decoder_from_checkpoint(ckpt).to(device)
-            loader = CacheLoader(store.path, tuple(ckpt["layers"]), idx, cfg.batch_size, shuffle=False, in_memory=False)
+            loader = CacheLoader(store.path, tuple(ckpt["layers"]), idx, cfg.batch_size, shuffle=False,
+                                 in_memory=False, reuse_buffers=True)
             res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}")
             loader.close()
             recon[name] = res["kept"]

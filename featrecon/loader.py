@@ -1,22 +1,29 @@
-"""Batches from the feature cache, fast enough to keep a decoder fed.
+"""Batches from the feature cache at the speed of the codec.
 
-Reading one sample at a time from a compressed, sharded store costs a shard
-lookup per sample; reading whole shards costs one sequential read each. So the
-loader works in shards: it shuffles the order of shards each epoch, reads them
-on background threads (`prefetch` ahead, in a fixed order so runs are
-repeatable), pools a window of shards into a shuffle buffer and cuts batches
-from a permutation of that buffer. Every requested sample comes out exactly
-once per epoch. With `in_memory`, the requested samples are read once and each
-epoch is a permutation of RAM.
+Each epoch has a plan fixed by (seed, epoch) alone: the order of the shards that
+hold requested samples, then, window by window (`window` shards), a permutation of
+the window's samples; the sequence is cut into batches. Every requested sample
+comes out exactly once per epoch, and a rerun sees the same batches.
 
-Batches stay float16/uint8 on the host (half the bytes to move); the training
-step converts them to float32 on the device.
+The plan says, before anything is read, which batch slot every sample goes to. A
+pool of `threads` threads then reads whole shards (one sequential read each,
+`prefetch` shards ahead of the consumer) and decodes every sample straight into its
+slot of the batch buffer: one decompression and no other copy on Zarr caches (see
+`zarr_shards`), a read and one copy on HDF5. The codecs release the GIL, so the
+rate grows with the threads. On CUDA the batch buffers are pinned, so their copy to
+the device can run while the previous step computes (`train.device_batches`).
+
+With `in_memory`, the requested samples are decoded once into RAM and each batch is
+one gather from there.
+
+Batches stay float16/uint8 on the host (half the bytes to move); the training step
+converts them to float32 on the device.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,8 +31,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from . import FeatreconError
 from . import schema as S
 from .storage import CacheStore, open_cache
+from .zarr_shards import CorruptChunk
 
 
 @dataclass
@@ -48,34 +57,56 @@ def bytes_per_sample(meta: S.CacheMeta, layers: tuple[str, ...]) -> int:
     return feats + int(np.prod(meta.image_shape))
 
 
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """The requested samples of one shard."""
+
+    k: int  # shard index
+    start: int  # the shard's first sample
+    rows: np.ndarray  # positions inside the shard, sorted
+
+
 class CacheLoader:
     """Iterate `epoch(e)` for batches of the samples `indices` of a cache."""
 
     def __init__(self, path: Path, layers: tuple[str, ...], indices: np.ndarray, batch_size: int,
-                 shuffle: bool = True, seed: int = 0, prefetch: int = 4, window: int = 4,
-                 in_memory: bool | str = "auto", pin_memory: bool = False, fmt: str | None = None):
+                 shuffle: bool = True, seed: int = 0, prefetch: int | None = None, window: int = 4,
+                 in_memory: bool | str = "auto", pin_memory: bool = False, threads: int | None = None,
+                 reuse_buffers: bool = False, fmt: str | None = None):
         self.path, self.fmt = Path(path), fmt
         self.layers = tuple(layers)
         self.indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.prefetch, self.window, self.pin_memory = max(1, prefetch), max(1, window), pin_memory
-        self._store: CacheStore | None = None
+        self.threads = max(1, threads or default_threads())
+        self.prefetch = max(1, prefetch or 2 * self.threads)  # shards read ahead of the consumer
+        self.window, self.pin_memory = max(1, window), pin_memory
+        # Recycle a batch's buffers once the next batch is asked for: fresh buffers of tens of MB
+        # come from mmap and cost a page fault per 4 KiB on first touch (layer1 read at 0.68 of
+        # the codec with them, 0.9 without). Only for callers done with a batch by then.
+        # Pinned buffers come from PyTorch's caching host allocator, which already reuses them.
+        self.reuse_buffers = reuse_buffers and not pin_memory
+        self._free: dict[int, list[dict[str, torch.Tensor]]] = {}
         self.names = [S.feature_path(l) for l in self.layers] + [S.IMAGES]
+        self._store: CacheStore | None = None
+        self._readers: dict | None = None
+        self._pool: ThreadPoolExecutor | None = None
         meta = self.store.meta
+        self.shapes = {n: (tuple(meta.layers[l]), np.dtype(meta.dtype)) for n, l in zip(self.names, self.layers)}
+        self.shapes[S.IMAGES] = (meta.image_shape, np.dtype(np.uint8))
         if in_memory == "auto":
             in_memory = len(self.indices) * bytes_per_sample(meta, self.layers) < 0.3 * available_memory()
         self.in_memory = bool(in_memory)
-        self._ram: dict[str, np.ndarray] | None = None
-        # Shards that hold requested samples: (shard index, first sample, stop, rows of it requested)
+        self._ram: dict[str, torch.Tensor] | None = None
         shard_of = self.indices // meta.shard_size
-        self.blocks = []
-        for k in np.unique(shard_of):
-            start, stop = meta.shard_bounds(int(k))
-            self.blocks.append((int(k), start, stop, self.indices[shard_of == k] - start))
+        self.blocks = [Block(int(k), meta.shard_bounds(int(k))[0], self.indices[shard_of == k] - meta.shard_bounds(int(k))[0])
+                       for k in np.unique(shard_of)]
 
     @property
     def store(self) -> CacheStore:
-        # Opened lazily, per process: h5py handles cannot be pickled into workers.
         if self._store is None:
             self._store = open_cache(self.path, "r", self.fmt)
         return self._store
@@ -84,66 +115,148 @@ class CacheLoader:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         if self._store is not None:
             self._store.close()
             self._store = None
+            self._readers = None
 
-    def _read_block(self, block) -> dict[str, np.ndarray]:
-        _, start, stop, rows = block
-        out = {}
-        for name in self.names:
-            data = self.store.read(name, start, stop)  # one whole shard: a sequential read
-            out[name] = data if len(rows) == stop - start else data[rows]
-        out["index"] = rows + start
-        return out
+    # ------------------------------------------------------------------ reading
 
-    def _blocks_in_order(self, order: list) -> Iterator[dict[str, np.ndarray]]:
-        with ThreadPoolExecutor(self.prefetch, thread_name_prefix="cache-read") as pool:
-            futures = [pool.submit(self._read_block, b) for b in order[: self.prefetch]]
-            for i in range(len(order)):
-                block = futures[i].result()
-                if i + self.prefetch < len(order):
-                    futures.append(pool.submit(self._read_block, order[i + self.prefetch]))
-                futures[i] = None  # let the block's memory go once consumed
-                yield block
+    def _reader(self, name: str):
+        if self._readers is None:
+            self._readers = {n: self.store.row_reader(n) for n in self.names}
+        return self._readers[name]
 
-    def _load_ram(self) -> dict[str, np.ndarray]:
-        if self._ram is None:
-            parts = list(self._blocks_in_order(self.blocks))
-            self._ram = {k: np.concatenate([p[k] for p in parts]) for k in [*self.names, "index"]}
-        return self._ram
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cache-read")
+        return self._pool
 
-    def _batch(self, pool: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
-        def t(a: np.ndarray) -> torch.Tensor:
-            x = torch.from_numpy(np.ascontiguousarray(a))
-            return x.pin_memory() if self.pin_memory else x
+    def _decode(self, block: Block, slots: dict[str, list[np.ndarray]]) -> None:
+        """Decode the block's rows of every array into their slots (one buffer per row)."""
+        try:
+            for name in self.names:
+                self._reader(name).read(block.k, block.rows, slots[name])
+        except CorruptChunk as e:
+            raise self._corrupt(e) from None
 
-        return Batch([t(pool[n][rows]) for n in self.names[:-1]], t(pool[S.IMAGES][rows]), pool["index"][rows])
+    def _corrupt(self, e: CorruptChunk) -> FeatreconError:
+        try:
+            sample_id = self.store.ids()[e.sample]
+        except Exception:  # the ids themselves may be what is damaged
+            sample_id = "?"
+        return FeatreconError(
+            f"{self.path}: {e.array}, sample {e.sample} ({sample_id}): {e.why}; the cache is damaged: run "
+            f"`featrecon verify {self.path} --repair`, then the original extract-features command again")
+
+    def _new_buffers(self, n: int) -> dict[str, torch.Tensor]:
+        if self._free.get(n):
+            return self._free[n].pop()
+        return {name: torch.empty((n, *shape), dtype=_torch_dtype(dtype), pin_memory=self.pin_memory)
+                for name, (shape, dtype) in self.shapes.items()}
+
+    def _batches(self, filled: Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]) -> Iterator[Batch]:
+        """Batches from (buffers, indices); with `reuse_buffers`, each batch's buffers go back to
+        the free list when the caller asks for the next one."""
+        for buffers, indices in filled:
+            yield Batch([buffers[n] for n in self.names[:-1]], buffers[S.IMAGES], indices)
+            if self.reuse_buffers:
+                self._free.setdefault(len(indices), []).append(buffers)
+
+    # ------------------------------------------------------------------ the plan
+
+    def plan(self, epoch: int) -> tuple[list[int], np.ndarray]:
+        """(block order, sequence): the blocks in reading order and, for every sample of the
+        epoch in batch order, (position in the block order, row of that block's rows)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.blocks)).tolist() if self.shuffle else list(range(len(self.blocks)))
+        parts = []
+        for w in range(0, len(order), self.window):
+            pos = np.concatenate([np.stack([np.full(len(self.blocks[b].rows), w + i), np.arange(len(self.blocks[b].rows))], 1)
+                                  for i, b in enumerate(order[w: w + self.window])])
+            parts.append(pos[rng.permutation(len(pos))] if self.shuffle else pos)
+        return order, np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch. The order depends only on (seed, epoch)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.in_memory:
-            pool = self._load_ram()
-            order = rng.permutation(len(pool["index"])) if self.shuffle else np.arange(len(pool["index"]))
-            for s in range(0, len(order), self.batch_size):
-                yield self._batch(pool, order[s: s + self.batch_size])
-            return
-        blocks = [self.blocks[i] for i in rng.permutation(len(self.blocks))] if self.shuffle else self.blocks
-        carry: dict[str, np.ndarray] | None = None
-        stream = self._blocks_in_order(blocks)
-        while True:
-            window = [b for _, b in zip(range(self.window), stream)]
-            if not window:
-                break
-            if carry is not None:
-                window.insert(0, carry)
-            pool = {k: np.concatenate([w[k] for w in window]) for k in window[0]}
-            n = len(pool["index"])
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
-            full = n - n % self.batch_size
-            for s in range(0, full, self.batch_size):
-                yield self._batch(pool, order[s: s + self.batch_size])
-            carry = {k: v[order[full:]] for k, v in pool.items()} if full < n else None
-        if carry is not None:
-            yield self._batch(carry, np.arange(len(carry["index"])))
+        return self._batches(self._memory_epoch(epoch) if self.in_memory else self._stream_epoch(epoch))
+
+    def _stream_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+        order, seq = self.plan(epoch)
+        bs, n = self.batch_size, len(seq)
+        batch_of = np.arange(n) // bs
+        # For each block (in reading order): the batch slots its rows go to, and the last
+        # block each batch needs before it is complete.
+        slots_of = [[] for _ in order]
+        for s, (p, r) in enumerate(seq.tolist()):
+            slots_of[p].append((r, s))
+        last_block = np.zeros((n + bs - 1) // bs, dtype=np.int64)
+        np.maximum.at(last_block, batch_of, seq[:, 0])
+        buffers: dict[int, dict[str, torch.Tensor]] = {}
+        futures: list[Future] = []
+        pool = self._executor()
+
+        def submit(p: int) -> None:
+            block = self.blocks[order[p]]
+            by_row = dict(slots_of[p])  # row -> position in the epoch's sequence
+            slots: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+            for r in range(len(block.rows)):
+                s = by_row[r]
+                b = s // bs
+                if b not in buffers:
+                    buffers[b] = self._new_buffers(min(bs, n - b * bs))
+                for name in self.names:
+                    slots[name].append(buffers[b][name][s - b * bs].numpy())
+            futures.append(pool.submit(self._decode, block, slots))
+
+        try:
+            for b in range(len(last_block)):
+                while len(futures) < len(order) and len(futures) <= last_block[b] + self.prefetch:
+                    submit(len(futures))
+                part = seq[b * bs: (b + 1) * bs]
+                for p in range(int(part[:, 0].min()), int(last_block[b]) + 1):
+                    futures[p].result()  # a batch is whole once every block it draws from is decoded
+                yield buffers.pop(b), self._sample_indices(order, part)
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _load_ram(self) -> dict[str, torch.Tensor]:
+        """Every requested sample, decoded once, in index order."""
+        if self._ram is None:
+            ram = {name: torch.empty((len(self.indices), *shape), dtype=_torch_dtype(dtype))
+                   for name, (shape, dtype) in self.shapes.items()}
+            pool, futures, at = self._executor(), [], 0
+            for block in self.blocks:
+                slots = {name: [ram[name][at + j].numpy() for j in range(len(block.rows))] for name in self.names}
+                futures.append(pool.submit(self._decode, block, slots))
+                at += len(block.rows)
+            for f in futures:
+                f.result()
+            self._ram = ram
+        return self._ram
+
+    def _memory_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+        ram = self._load_ram()
+        order, seq = self.plan(epoch)
+        # The plan's (block, row) pairs as positions in RAM, which holds the blocks in index order.
+        offsets = np.cumsum([0] + [len(b.rows) for b in self.blocks])
+        rows = offsets[np.asarray(order, dtype=np.int64)[seq[:, 0]]] + seq[:, 1]
+        for s in range(0, len(rows), self.batch_size):
+            take = torch.from_numpy(rows[s: s + self.batch_size])
+            buffers = self._new_buffers(len(take))
+            for name in self.names:
+                torch.index_select(ram[name], 0, take, out=buffers[name])
+            yield buffers, self.indices[take.numpy()]
+
+    def _sample_indices(self, order: list[int], part: np.ndarray) -> np.ndarray:
+        """Cache indices of (position in the block order, row) pairs."""
+        return np.array([self.blocks[order[p]].start + self.blocks[order[p]].rows[r] for p, r in part.tolist()],
+                        dtype=np.int64)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype

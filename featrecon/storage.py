@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from . import FeatreconError
 from . import schema as S
 from .schema import CacheMeta, Codec
+from .zarr_shards import ShardDecoder, ShardEncoder
 
 FORMATS = ("zarr", "hdf5")
 _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -125,6 +125,10 @@ class CacheStore(ABC):
     def _start_arrays(self, k: int, arrays: dict) -> dict:
         return arrays  # a backend that compresses on its own (HDF5) has nothing to start
 
+    def row_reader(self, name: str) -> "RowReader":
+        """Reads chosen samples of one shard of array `name` into the caller's buffers."""
+        return SliceReader(self, name)
+
     # Convenience views used by every stage.
     def status(self) -> np.ndarray:
         return self.read_all(S.STATUS)
@@ -141,6 +145,28 @@ class CacheStore(ABC):
             for layer, n in per_layer.items():
                 totals[layer] = totals.get(layer, 0) + int(n)
         return totals
+
+
+class RowReader:
+    """Interface: `read(k, rows, outs)` decodes rows `rows` (positions inside shard k) of
+    one array into `outs`, one C-contiguous buffer per row. Safe to call from several
+    threads at once."""
+
+    def read(self, k: int, rows, outs) -> None:
+        raise NotImplementedError
+
+
+class SliceReader(RowReader):
+    """Any backend: read shard k's samples with `store.read`, then copy the rows asked for."""
+
+    def __init__(self, store: CacheStore, name: str):
+        self.store, self.name = store, name
+
+    def read(self, k, rows, outs):
+        start, stop = self.store.meta.shard_bounds(k)
+        data = self.store.read(self.name, start, stop)
+        for r, out in zip(rows, outs):
+            out[...] = data[r]
 
 
 def _array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -165,125 +191,14 @@ def _zarr_compressors(codec: Codec):
     return BloscCodec(cname=cname, clevel=codec.level, shuffle="bitshuffle")
 
 
-_MAX_U64 = 2**64 - 1
-_LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
-_BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
-
-
-class ShardEncoder:
-    """Writes one whole shard of a per-sample-chunked array in the bytes zarr-python would write.
-
-    zarr's sharding codec sends every inner chunk through an asyncio pipeline with
-    several copies; for a shard of 32 samples this costs about as much CPU as the
-    compression itself, CPU that the backbone needs on a small machine. The format is
-    simple and fixed by the Zarr v3 sharding spec: the compressed chunks one after
-    another, then an index of (offset, nbytes) uint64 pairs with a crc32c. A test
-    checks that the bytes equal zarr's own, for every codec featrecon offers.
-
-    Only the layout featrecon creates qualifies; `for_array` returns None for
-    anything else, and the caller writes through zarr."""
-
-    def __init__(self, array, compress):
-        self.array, self.compress = array, compress
-        self.per_shard = array.shards[0]
-
-    @classmethod
-    def for_array(cls, array) -> "ShardEncoder | None":
-        meta = json.loads(json.dumps(array.metadata.to_dict()))  # plain lists and dicts, as in zarr.json
-        codecs = meta.get("codecs", [])
-        if sys.byteorder != "little" or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-            return None
-        conf = codecs[0]["configuration"]
-        if (list(conf["chunk_shape"]) != [1, *array.shape[1:]] or conf.get("index_location", "end") != "end"
-                or conf.get("index_codecs") != [_LITTLE_BYTES, {"name": "crc32c"}]
-                or meta.get("chunk_key_encoding", {}).get("name") != "default"):
-            return None
-        inner = conf.get("codecs", [])
-        if not inner or inner[0].get("name") != "bytes" or (inner[0] != _LITTLE_BYTES and array.dtype.itemsize > 1):
-            return None
-        if len(inner) == 1:
-            return cls(array, None)
-        if len(inner) > 2:
-            return None
-        compress = _numcodecs_for(inner[1])
-        return cls(array, compress.encode) if compress is not None else None
-
-    def start(self, rows, pool: Executor | None = None) -> list:
-        """Compress the shard's rows (an array (n, *sample_shape) or a list of n samples; n is
-        the shard size, less only at the array's end): on `pool` if given, returning at once.
-        The compressors release the GIL, so a pool compresses on several cores; rows go in
-        groups of about 1 MB, so small rows do not drown in task overhead."""
-        rows = [np.ascontiguousarray(v, dtype=self.array.dtype) for v in rows]
-        if self.compress is None:
-            return [memoryview(v).cast("B") for v in rows]
-        if pool is None:
-            return [self.compress(v) for v in rows]
-        step = max(1, (1 << 20) // max(1, rows[0].nbytes)) if rows else 1
-        return [pool.submit(_compress_all, self.compress, rows[i: i + step]) for i in range(0, len(rows), step)]
-
-    def assemble(self, parts: list) -> np.ndarray:
-        """The shard's bytes (uint8) from its compressed rows, waiting for any still compressing.
-        numpy copies the rows in without holding the GIL (bytes.join would hold it for
-        the whole shard, tens of MB, while the forward's thread waits to launch work)."""
-        import google_crc32c
-
-        flat = []
-        for p in parts:
-            flat.extend(p.result()) if isinstance(p, Future) else flat.append(p)
-        flat = [np.frombuffer(p, dtype=np.uint8) for p in flat]
-        index = np.full((self.per_shard, 2), _MAX_U64, dtype="<u8")
-        sizes = np.array([len(p) for p in flat], dtype=np.uint64)
-        index[: len(flat), 1] = sizes
-        index[: len(flat), 0] = np.cumsum(sizes) - sizes
-        index_bytes = index.tobytes()
-        tail = index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")
-        out = np.empty(int(sizes.sum()) + len(tail), dtype=np.uint8)
-        at = 0
-        for p in flat:
-            out[at: at + len(p)] = p
-            at += len(p)
-        out[at:] = np.frombuffer(tail, dtype=np.uint8)
-        return out
-
-    def encode(self, rows, pool: Executor | None = None) -> np.ndarray:
-        return self.assemble(self.start(rows, pool))
-
-    def put(self, k: int, shard: np.ndarray) -> None:
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
-        key = self.array.metadata.encode_chunk_key((k,) + (0,) * (self.array.ndim - 1))
-        sync((self.array.store_path / key).set(default_buffer_prototype().buffer.from_bytes(shard)))  # atomic
-
-    def write(self, k: int, values, pool: Executor | None = None) -> None:
-        self.put(k, self.encode(values, pool))
-
-
 @dataclass
 class _Compressing:
     encoder: ShardEncoder
     parts: list
 
 
-def _compress_all(compress, rows) -> list:
-    return [compress(v) for v in rows]
-
-
 def _stacked(rows) -> np.ndarray:
     return rows if isinstance(rows, np.ndarray) else np.stack(rows)
-
-
-def _numcodecs_for(spec: dict):
-    """The numcodecs compressor of a zarr v3 codec description, or None if not one we know."""
-    import numcodecs
-
-    name, conf = spec.get("name"), spec.get("configuration", {})
-    if name == "zstd":
-        return numcodecs.Zstd(level=conf["level"], checksum=conf.get("checksum", False))
-    if name == "blosc" and conf.get("shuffle") in _BLOSC_SHUFFLE:
-        return numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=_BLOSC_SHUFFLE[conf["shuffle"]],
-                               blocksize=conf.get("blocksize", 0), typesize=conf.get("typesize"))
-    return None
 
 
 class ZarrCacheStore(CacheStore):
@@ -302,6 +217,7 @@ class ZarrCacheStore(CacheStore):
             raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
         self.meta = CacheMeta.from_dict(meta)
         self._arrays = {}
+        self._readable = {}
         self.fast_writes = True  # False: every write through zarr's own codec pipeline
 
     @classmethod
@@ -327,11 +243,22 @@ class ZarrCacheStore(CacheStore):
         g.attrs.update({S.SKIPPED_ATTR: {}, S.OVERFLOW_ATTR: {}, S.META_ATTR: meta.to_dict()})
         return cls(path, "r+")
 
+    def _array(self, name):
+        """The array `name`, opened once: opening reads and parses its zarr.json."""
+        if name not in self._readable:
+            self._readable[name] = self.group[name]
+        return self._readable[name]
+
     def read(self, name, start, stop):
-        return self.group[name][start:stop]
+        return self._array(name)[start:stop]
 
     def read_all(self, name):
-        return self.group[name][:]
+        return self._array(name)[:]
+
+    def row_reader(self, name):
+        # Local shard files of featrecon's layout: decoded straight into the caller's buffers
+        # (see zarr_shards: the codec's own speed); anything else through zarr-python.
+        return ShardDecoder.open(self.path / name, name) or SliceReader(self, name)
 
     def attr(self, key, default=None):
         return self.group.attrs.get(key, default)

@@ -23,15 +23,16 @@ def tcfg(cache, out, **kw) -> T.TrainConfig:
     return T.TrainConfig(cache=cache, out=out, **base)
 
 
-@pytest.mark.parametrize("in_memory", [False, True])
-def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_memory):
+@pytest.mark.parametrize("in_memory,threads", [(False, 1), (False, 3), (True, 2)])
+def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_memory, threads):
     with open_cache(small_cache) as store:
         split, n = store.read_all(S.SPLIT), store.meta.n
         train = np.flatnonzero(split == S.SPLIT_TRAIN)
         images = store.read(S.IMAGES, 0, n)
         feats = store.read(S.feature_path("layer2"), 0, n)
     assert 0 < len(train) < n
-    loader = CacheLoader(small_cache, ("layer2",), train, batch_size=5, seed=1, prefetch=2, window=2, in_memory=in_memory)
+    loader = CacheLoader(small_cache, ("layer2",), train, batch_size=5, seed=1, prefetch=2, window=2, in_memory=in_memory,
+                         threads=threads)
     orders = []
     for epoch in range(2):
         seen = []
@@ -45,6 +46,33 @@ def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_mem
         orders.append(seen)
     assert orders[0] != orders[1]  # reshuffled per epoch
     assert [b.indices.tolist() for b in loader.epoch(1)] == [b.indices.tolist() for b in loader.epoch(1)]
+    loader.close()
+
+
+def test_streamed_and_in_memory_batches_are_the_same_and_recycled_buffers_hold_the_right_rows(small_cache):
+    """The epoch's plan alone decides the batches: streaming and RAM give the same ones; with
+    reuse_buffers a batch's buffers are refilled only after the next batch is asked for."""
+    with open_cache(small_cache) as store:
+        feats = store.read(S.feature_path("layer1"), 0, store.meta.n)
+    idx = np.arange(2, 23)
+    runs = {}
+    for mode in (False, True):
+        loader = CacheLoader(small_cache, ("layer1",), idx, batch_size=4, seed=3, window=2, in_memory=mode,
+                             reuse_buffers=True, threads=2)
+        seen = []
+        for b in loader.epoch(2):
+            assert all(np.array_equal(b.features[0][j].numpy(), feats[i]) for j, i in enumerate(b.indices.tolist()))
+            seen.append(b.indices.tolist())
+        loader.close()
+        runs[mode] = seen
+    assert runs[False] == runs[True]
+    assert sorted(sum(runs[False], [])) == idx.tolist()
+
+
+def test_an_abandoned_epoch_leaves_the_loader_usable(zarr_cache):
+    loader = CacheLoader(zarr_cache, ("layer3",), np.arange(24), batch_size=3, seed=0, window=1, prefetch=1, in_memory=False)
+    first = next(iter(loader.epoch(0))).indices.tolist()
+    assert [b.indices.tolist() for b in loader.epoch(0)][0] == first
     loader.close()
 
 
@@ -129,3 +157,37 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(zarr_cache, tmp_path, mon
         T.fit(tcfg(zarr_cache, tmp_path / "r", epochs=3))
     ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_failed_compile_trains_eagerly_with_one_warning(zarr_cache, tmp_path, monkeypatch, caplog):
+    eager = tmp_path / "eager"
+    T.fit(tcfg(zarr_cache, eager, epochs=2, compile="no"))
+
+    def broken_compile(model, *a, **k):
+        def fails(*args, **kw):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = tmp_path / "fallback"
+    T.fit(tcfg(zarr_cache, fallback, epochs=2, compile="yes"))
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile of the decoder failed" in r.getMessage()]
+    assert warnings == ["torch.compile of the decoder failed (RuntimeError: inductor: no C++ compiler); training eagerly"]
+    a, b = (torch.load(p / "last.pt", weights_only=False)["model"] for p in (eager, fallback))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed attempt changed nothing
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("precision", "fp8", "--precision 'fp8': choose one of auto, bf16, fp32"),
+    ("compile", "maybe", "--compile 'maybe': choose one of auto, yes, no"),
+])
+def test_step_settings_refuse_unknown_choices(zarr_cache, tmp_path, setting, value, message):
+    with pytest.raises(FeatreconError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        T.fit(tcfg(zarr_cache, tmp_path / "r", **{setting: value}))
+
+
+def test_cpu_defaults_are_the_measured_ones():
+    s = T.step_settings(T.TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cpu"))
+    assert s == T.StepSettings(autocast=False, channels_last=False, compile=False, fused_adamw=False)
+    s = T.step_settings(T.TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cuda"))
+    assert s == T.StepSettings(autocast=True, channels_last=True, compile=True, fused_adamw=True)
