@@ -18,7 +18,7 @@ import torch
 
 from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
 from featrecon.data import discover_images
-from benchmarks.run import decode_limit, stock_forward
+from benchmarks.extraction import decode_limit, stock_forward
 
 
 def timed(fn, seconds=2.0):
