@@ -25,14 +25,14 @@ def _run(prog: str, fn, args: argparse.Namespace) -> int:
     from . import FeatreconError
 
     try:
-        fn(args)
+        status = fn(args)
     except FeatreconError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; what was written is kept, and the same command resumes", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 # ----------------------------------------------------------------------------- extract-features
@@ -125,6 +125,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=64, help="fixed train subset for the per-epoch PSNR")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last.pt")
     p.add_argument("--allow-partial", action="store_true", help="train on the done samples of an unfinished cache")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out samples whose stored chunks fail their "
+                   "checksum (counted in the log) instead of stopping")
     _common(p)
     return p
 
@@ -140,6 +142,7 @@ def _train(args: argparse.Namespace) -> None:
         seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
         prefetch=args.prefetch, read_threads=args.read_threads,
         eval_samples=args.eval_samples, resume=args.resume, allow_partial=args.allow_partial,
+        skip_corrupt=args.skip_corrupt,
         progress=not args.no_progress))
 
 
@@ -163,6 +166,8 @@ def score_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="source folder of the originals (default: the one recorded in the cache)")
     p.add_argument("--save", type=int, default=8, help="images saved as original_X.png / reconstruction_X.png per run")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out samples whose stored chunks fail their "
+                   "checksum (counted in the report) instead of stopping")
     _common(p)
     return p
 
@@ -173,8 +178,60 @@ def _score(args: argparse.Namespace) -> None:
     score(ScoreConfig(
         cache=args.cache, runs=args.runs, checkpoints=tuple(args.checkpoint or ()), which=args.which,
         split=args.split, out=args.out, images=args.images, save=args.save, batch_size=args.batch_size,
-        device=args.device, progress=not args.no_progress))
+        device=args.device, progress=not args.no_progress, skip_corrupt=args.skip_corrupt))
 
 
 def score_main(argv: list[str] | None = None) -> int:
     return _run("score", _score, score_parser().parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="featrecon verify", description=(
+        "Read every stored chunk of a cache, check its checksum, the features' finiteness and the "
+        "metadata; exit 1 if anything is damaged."))
+    p.add_argument("cache", type=Path)
+    p.add_argument("--repair", action="store_true", help="mark the shards of damaged samples pending, so that "
+                   "rerunning the original extract-features command re-extracts just those")
+    p.add_argument("--threads", type=int, help="reading threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from . import FeatreconError
+    from .verify import verify
+
+    if args.threads is not None and args.threads < 1:
+        raise FeatreconError(f"--threads {args.threads}: must be at least 1")
+    report = verify(args.cache, threads=args.threads, progress=not args.no_progress, repair=args.repair)
+    print(report.summary())
+    if report.repaired_shards:
+        print(f"marked {len(report.repaired_shards)} shard(s) pending ({', '.join(map(str, report.repaired_shards[:20]))}"
+              f"{', ...' if len(report.repaired_shards) > 20 else ''}); rerun the extract-features command that made "
+              f"{args.cache} to re-extract them")
+    elif not report.ok and args.repair:
+        print("nothing --repair can mark: the damage is not in a sample's data; rerun extract-features with --overwrite")
+    elif not report.ok:
+        print(f"to repair: featrecon verify {args.cache} --repair, then rerun the extract-features command that made it")
+    return 0 if report.ok or report.repaired_shards else 1
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    return _run("featrecon verify", _verify, verify_parser().parse_args(argv))
+
+
+COMMANDS = {"extract-features": extract_main, "train-decoder": train_main, "score": score_main,
+            "verify": verify_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`featrecon COMMAND ...` (also `python -m featrecon COMMAND ...`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: featrecon {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -43,6 +43,7 @@ class ScoreConfig:
     batch_size: int = 16
     device: str = "auto"
     progress: bool = True
+    skip_corrupt: bool = False  # leave out samples whose chunks fail their checksum (counted), instead of stopping
 
 
 def measure(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -144,31 +145,36 @@ def check_originals(store: CacheStore, idx: np.ndarray, root: Path, progress: bo
     return counts
 
 
-def mean_train_image(store: CacheStore) -> np.ndarray:
-    """Pixel-wise mean of the done train images, (3, H, W) float in [0, 1]."""
+def mean_train_image(store: CacheStore, skip_corrupt: bool = False) -> tuple[np.ndarray, set[int]]:
+    """Pixel-wise mean of the done train images, (3, H, W) float in [0, 1], and the samples
+    left out as corrupt."""
     status, split = store.status(), store.read_all(S.SPLIT)
     idx = np.flatnonzero((status == S.STATUS_DONE) & (split == S.SPLIT_TRAIN))
     if len(idx) == 0:
         idx = np.flatnonzero(status == S.STATUS_DONE)
-    loader = CacheLoader(store.path, (), idx, 64, shuffle=False, in_memory=False, reuse_buffers=True)
-    total = np.zeros(store.meta.image_shape, np.float64)
+    loader = CacheLoader(store.path, (), idx, 64, shuffle=False, in_memory=False, reuse_buffers=True,
+                         skip_corrupt=skip_corrupt)
+    total, n = np.zeros(store.meta.image_shape, np.float64), 0
     for b in loader.epoch(0):
         total += b.images.double().sum(0).numpy()
+        n += len(b.indices)
     loader.close()
-    return (total / len(idx) / 255).astype(np.float32)
+    return (total / max(1, n) / 255).astype(np.float32), loader.corrupt
 
 
-def score_baseline(store: CacheStore, idx: np.ndarray, batch_size: int) -> dict:
+def score_baseline(store: CacheStore, idx: np.ndarray, batch_size: int, skip_corrupt: bool = False) -> tuple[dict, set[int]]:
     """The mean training image as a predictor of every scored image: the floor to beat."""
-    mean = torch.from_numpy(mean_train_image(store))
-    loader = CacheLoader(store.path, (), idx, batch_size, shuffle=False, in_memory=False, reuse_buffers=True)
+    mean, corrupt = mean_train_image(store, skip_corrupt)
+    mean = torch.from_numpy(mean)
+    loader = CacheLoader(store.path, (), idx, batch_size, shuffle=False, in_memory=False, reuse_buffers=True,
+                         skip_corrupt=skip_corrupt)
     parts = {k: [] for k in METRICS}
     for b in loader.epoch(0):
         target = b.images.float() / 255
         for k, v in measure(mean.expand_as(target), target).items():
             parts[k].append(v)
     loader.close()
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: np.concatenate(v) for k, v in parts.items()}, corrupt | loader.corrupt
 
 
 def score(cfg: ScoreConfig) -> dict:
@@ -181,22 +187,25 @@ def score(cfg: ScoreConfig) -> dict:
         ckpts = [(name, path, _compatible(load_checkpoint(path), path, store)) for name, path in found]
         keep = set(idx[: max(0, cfg.save)].tolist())
         cfg.out.mkdir(parents=True, exist_ok=True)
-        rows, recon = [], {}
+        rows, recon, corrupt = [], {}, set()
         for name, path, ckpt in ckpts:
             model = decoder_from_checkpoint(ckpt).to(device)
             loader = CacheLoader(store.path, tuple(ckpt["layers"]), idx, cfg.batch_size, shuffle=False,
-                                 in_memory=False, reuse_buffers=True)
+                                 in_memory=False, reuse_buffers=True, skip_corrupt=cfg.skip_corrupt)
             res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}")
             loader.close()
+            corrupt |= loader.corrupt
             recon[name] = res["kept"]
             rows.append(_row(name, path, ckpt, res))
             _save_pairs(store, cfg.out / _safe(name), res["kept"])
-        base = score_baseline(store, idx, cfg.batch_size)
-        baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0, "n": len(idx),
-                    **{k: summarize(v) for k, v in base.items()}}
-        originals = check_originals(store, idx, cfg.images.resolve() if cfg.images else Path(store.meta.source_root),
+        base, base_corrupt = score_baseline(store, idx, cfg.batch_size, cfg.skip_corrupt)
+        corrupt |= base_corrupt
+        scored = idx[~np.isin(idx, list(corrupt))]
+        baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0,
+                    "n": len(base["mse"]), **{k: summarize(v) for k, v in base.items()}}
+        originals = check_originals(store, scored, cfg.images.resolve() if cfg.images else Path(store.meta.source_root),
                                     cfg.progress)
-        report = _write_report(cfg, store, rows, baseline, originals, idx, recon)
+        report = _write_report(cfg, store, rows, baseline, originals, scored, recon, sorted(corrupt))
     finally:
         store.close()
     return report
@@ -258,7 +267,7 @@ def _depth_key(store: CacheStore):
 
 
 def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baseline: dict, originals: dict,
-                  idx: np.ndarray, recon: dict) -> dict:
+                  idx: np.ndarray, recon: dict, corrupt: list[int]) -> dict:
     from .figures import image_grid, plot_psnr_by_layer
 
     rows = sorted(rows, key=_depth_key(store))
@@ -269,6 +278,10 @@ def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baselin
     orig = (f"\nOriginals re-read from `{cfg.images or meta.source_root}`: {originals['equal']} of "
             f"{originals['checked']} equal to the cached target, {originals['missing']} missing, "
             f"{originals['changed']} changed, {originals['unreadable']} unreadable.\n")
+    if corrupt:
+        orig += (f"\n**{len(corrupt)} damaged sample(s) left out** (--skip-corrupt; their stored chunks fail their "
+                 f"checksum): {', '.join(map(str, corrupt[:20]))}. `featrecon verify {store.path} --repair` finds "
+                 "and marks them for re-extraction.\n")
     if meta.weights.startswith("random"):
         orig += ("\n**Random backbone weights**: these numbers describe a randomly initialised ResNet-50, "
                  "not a trained one.\n")
@@ -276,9 +289,9 @@ def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baselin
     (cfg.out / "report.md").write_text(md)
     print("\n" + table + "\n" + orig)
     report = {"cache": str(store.path), "split": cfg.split, "n": int(len(idx)), "weights": meta.weights,
-              "runs": rows, "baseline": baseline, "originals": originals}
+              "runs": rows, "baseline": baseline, "originals": originals, "corrupt_skipped": corrupt}
     write_json(report, cfg.out / "metrics.json")
-    grid_idx = idx[: min(cfg.save, 6)].tolist()
+    grid_idx = [i for i in idx[: min(cfg.save, 6)].tolist() if all(i in recon[r["run"]] for r in rows)]
     if grid_idx and rows:
         columns = [("original", {i: store.read(S.IMAGES, i, i + 1)[0] for i in grid_idx})]
         columns += [(f"{r['layers']}\n{r['psnr']['mean']:.1f} dB", recon[r["run"]]) for r in rows]

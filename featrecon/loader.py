@@ -22,7 +22,9 @@ converts them to float32 on the device.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from . import FeatreconError
 from . import schema as S
 from .storage import CacheStore, open_cache
 from .zarr_shards import CorruptChunk
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,7 +80,7 @@ class CacheLoader:
     def __init__(self, path: Path, layers: tuple[str, ...], indices: np.ndarray, batch_size: int,
                  shuffle: bool = True, seed: int = 0, prefetch: int | None = None, window: int = 4,
                  in_memory: bool | str = "auto", pin_memory: bool = False, threads: int | None = None,
-                 reuse_buffers: bool = False, fmt: str | None = None):
+                 reuse_buffers: bool = False, skip_corrupt: bool = False, fmt: str | None = None):
         self.path, self.fmt = Path(path), fmt
         self.layers = tuple(layers)
         self.indices = np.sort(np.asarray(indices, dtype=np.int64))
@@ -90,6 +94,11 @@ class CacheLoader:
         # Pinned buffers come from PyTorch's caching host allocator, which already reuses them.
         self.reuse_buffers = reuse_buffers and not pin_memory
         self._free: dict[int, list[dict[str, torch.Tensor]]] = {}
+        # Samples whose stored chunks failed their checks: an error naming them, or with
+        # skip_corrupt left out of every batch (and counted here).
+        self.skip_corrupt = skip_corrupt
+        self.corrupt: set[int] = set()
+        self._corrupt_lock = threading.Lock()
         self.names = [S.feature_path(l) for l in self.layers] + [S.IMAGES]
         self._store: CacheStore | None = None
         self._readers: dict | None = None
@@ -139,18 +148,27 @@ class CacheLoader:
         """Decode the block's rows of every array into their slots (one buffer per row)."""
         try:
             for name in self.names:
-                self._reader(name).read(block.k, block.rows, slots[name])
+                self._reader(name).read(block.k, block.rows, slots[name],
+                                        on_error=self._skip if self.skip_corrupt else None)
         except CorruptChunk as e:
             raise self._corrupt(e) from None
 
-    def _corrupt(self, e: CorruptChunk) -> FeatreconError:
+    def _skip(self, e: CorruptChunk) -> None:
+        with self._corrupt_lock:
+            if e.sample not in self.corrupt:
+                self.corrupt.add(e.sample)
+                log.warning("%s", self._corrupt(e, skipped=True))
+
+    def _corrupt(self, e: CorruptChunk, skipped: bool = False) -> FeatreconError:
         try:
             sample_id = self.store.ids()[e.sample]
         except Exception:  # the ids themselves may be what is damaged
             sample_id = "?"
         return FeatreconError(
-            f"{self.path}: {e.array}, sample {e.sample} ({sample_id}): {e.why}; the cache is damaged: run "
-            f"`featrecon verify {self.path} --repair`, then the original extract-features command again")
+            f"{self.path}: {e.array}, sample {e.sample} ({sample_id}): {e.why}; "
+            + ("left out (--skip-corrupt); " if skipped else "")
+            + f"the cache is damaged: run `featrecon verify {self.path} --repair`, then the original "
+            "extract-features command again" + ("" if skipped else " (or pass --skip-corrupt to leave such samples out)"))
 
     def _new_buffers(self, n: int) -> dict[str, torch.Tensor]:
         if self._free.get(n):
@@ -162,6 +180,12 @@ class CacheLoader:
         """Batches from (buffers, indices); with `reuse_buffers`, each batch's buffers go back to
         the free list when the caller asks for the next one."""
         for buffers, indices in filled:
+            if self.corrupt and np.isin(indices, list(self.corrupt)).any():
+                keep = np.flatnonzero(~np.isin(indices, list(self.corrupt)))
+                buffers = {n: b.index_select(0, torch.from_numpy(keep)) for n, b in buffers.items()}
+                indices = indices[keep]
+                if len(indices) == 0:
+                    continue
             yield Batch([buffers[n] for n in self.names[:-1]], buffers[S.IMAGES], indices)
             if self.reuse_buffers:
                 self._free.setdefault(len(indices), []).append(buffers)

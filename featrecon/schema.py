@@ -11,15 +11,18 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from . import FeatreconError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: ids as variable-length strings, no per-chunk checksums
 FORMAT_NAME = "featrecon-cache"
 
 # Array names (paths inside the Zarr group or HDF5 file).
 FEATURES = "features"  # group: one array per layer, features/<layer>, (N, C, H, W)
 IMAGES = "images"  # (N, 3, H, W) uint8: the preprocessed input, the decoders' target
-IDS = "ids"  # (N,) utf-8 string: path relative to the source root, posix separators
+IDS = "ids"  # (N, L) uint8: UTF-8 path relative to the source root, posix separators, zero-padded to L bytes
 LABELS = "labels"  # (N,) int32: torchvision ImageNet class index, -1 if unknown
 SPLIT = "split"  # (N,) uint8: SPLIT_TRAIN or SPLIT_HOLDOUT
 STATUS = "status"  # (N,) uint8: the done mask, STATUS_* below
@@ -32,6 +35,36 @@ OVERFLOW_ATTR = "overflow"  # {shard index: {layer: n values that overflowed the
 STATUS_PENDING, STATUS_DONE, STATUS_SKIPPED = 0, 1, 2
 SPLIT_TRAIN, SPLIT_HOLDOUT = 0, 1
 SPLIT_NAMES = {"train": SPLIT_TRAIN, "holdout": SPLIT_HOLDOUT}
+
+
+def dimension_names(name: str) -> tuple[str, ...]:
+    """Zarr v3 `dimension_names` of an array: one name per axis, shared where sizes agree
+    (every array's first axis is `sample`), per layer where they differ, so xarray opens
+    the root group and the features group as labelled Datasets."""
+    if name == IMAGES:
+        return ("sample", "rgb", "y", "x")
+    if name.startswith(FEATURES + "/"):
+        layer = name.split("/", 1)[1]
+        return ("sample", f"{layer}_channel", f"{layer}_y", f"{layer}_x")
+    if name == IDS:
+        return ("sample", "id_byte")
+    return ("sample",)
+
+
+def encode_ids(ids: list[str]) -> np.ndarray:
+    """(N, L) uint8: each id's UTF-8 bytes, zero-padded to the longest (L >= 1)."""
+    raw = [i.encode("utf-8") for i in ids]
+    out = np.zeros((len(raw), max([1, *map(len, raw)])), np.uint8)
+    for row, b in zip(out, raw):
+        row[: len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
+def decode_ids(stored: np.ndarray) -> list[str]:
+    """The ids from `encode_ids`' matrix, or from a schema-1 array of strings."""
+    if stored.dtype == np.uint8 and stored.ndim == 2:
+        return [row.tobytes().rstrip(b"\0").decode("utf-8") for row in stored]
+    return [str(x) for x in stored]
 
 # float16 by default (half the bytes; overflow past 65504 is counted, see OVERFLOW_ATTR).
 # No bfloat16: neither zarr v3 nor HDF5 has a portable type for it.
@@ -102,6 +135,11 @@ class CacheMeta:
     extra: dict = field(default_factory=dict)
 
     @property
+    def checksummed(self) -> bool:
+        """Every stored chunk carries a checksum (crc32c in Zarr, Fletcher-32 in HDF5): from schema 2."""
+        return self.schema_version >= 2
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return (3, self.preprocessing.crop, self.preprocessing.crop)
 
@@ -112,10 +150,11 @@ class CacheMeta:
     def from_dict(cls, d: dict) -> "CacheMeta":
         if d.get("format") != FORMAT_NAME:
             raise FeatreconError("not a featrecon cache (no featrecon metadata); was it written by extract-features?")
-        if d.get("schema_version") != SCHEMA_VERSION:
+        if d.get("schema_version") not in READABLE_VERSIONS:
             raise FeatreconError(
-                f"cache has schema version {d.get('schema_version')}, this featrecon reads {SCHEMA_VERSION}; "
-                "re-extract it with this version"
+                f"cache has schema version {d.get('schema_version')}, this featrecon reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-extract it with this version "
+                "(extract-features ... --overwrite)"
             )
         d = dict(d)
         p = d.pop("preprocessing")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import threading
-import warnings
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 from . import FeatreconError
 from . import schema as S
 from .schema import CacheMeta, Codec
-from .zarr_shards import ShardDecoder, ShardEncoder
+from .zarr_shards import CorruptChunk, ShardDecoder, ShardEncoder, report
 
 FORMATS = ("zarr", "hdf5")
 _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -129,12 +128,20 @@ class CacheStore(ABC):
         """Reads chosen samples of one shard of array `name` into the caller's buffers."""
         return SliceReader(self, name)
 
+    @abstractmethod
+    def array_info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of array `name`; KeyError if there is none."""
+
+    def mark_pending(self, start: int, stop: int) -> None:
+        """Set samples [start, stop) pending: the next extract-features run recomputes them."""
+        self._write_status(start, stop, np.full(stop - start, S.STATUS_PENDING, np.uint8))
+
     # Convenience views used by every stage.
     def status(self) -> np.ndarray:
         return self.read_all(S.STATUS)
 
     def ids(self) -> list[str]:
-        return [str(x) for x in self.read_all(S.IDS)]
+        return S.decode_ids(self.read_all(S.IDS))
 
     def skipped(self) -> dict[str, str]:
         return self.attr(S.SKIPPED_ATTR, {})
@@ -148,23 +155,36 @@ class CacheStore(ABC):
 
 
 class RowReader:
-    """Interface: `read(k, rows, outs)` decodes rows `rows` (positions inside shard k) of
-    one array into `outs`, one C-contiguous buffer per row. Safe to call from several
-    threads at once."""
+    """Interface: `read(k, rows, outs, on_error=None)` decodes rows `rows` (positions inside
+    shard k) of one array into `outs`, one C-contiguous buffer per row. A damaged sample
+    raises `CorruptChunk`, or with `on_error` is handed to it (zero-filled) and the others
+    are read. Safe to call from several threads at once."""
 
-    def read(self, k: int, rows, outs) -> None:
+    def read(self, k: int, rows, outs, on_error=None) -> None:
         raise NotImplementedError
 
 
 class SliceReader(RowReader):
-    """Any backend: read shard k's samples with `store.read`, then copy the rows asked for."""
+    """Any backend: read shard k's samples with `store.read`, then copy the rows asked for.
+    When the shard fails its checks (HDF5's Fletcher-32, zarr's crc32c), the rows are read
+    one by one to name the damaged ones."""
 
     def __init__(self, store: CacheStore, name: str):
         self.store, self.name = store, name
 
-    def read(self, k, rows, outs):
+    def read(self, k, rows, outs, on_error=None):
         start, stop = self.store.meta.shard_bounds(k)
-        data = self.store.read(self.name, start, stop)
+        try:
+            data = self.store.read(self.name, start, stop)
+        except (OSError, ValueError):
+            for r, out in zip(rows, outs):
+                try:
+                    out[...] = self.store.read(self.name, start + r, start + r + 1)[0]
+                except (OSError, ValueError) as e:
+                    out[...] = 0
+                    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    report(CorruptChunk(self.name, start + r, f"fails its checksum or cannot be read ({why})"), on_error)
+            return
         for r, out in zip(rows, outs):
             out[...] = data[r]
 
@@ -180,15 +200,17 @@ def _array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str]]:
 # ----------------------------------------------------------------------------- Zarr
 
 
-def _zarr_compressors(codec: Codec):
-    from zarr.codecs import BloscCodec, ZstdCodec
+def _zarr_compressors(codec: Codec) -> tuple:
+    """The bytes-to-bytes codecs of every per-sample chunk: the compressor, then a crc32c of
+    what it wrote, so a damaged chunk is caught before it is decompressed."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if codec.name == "none":
-        return None
+        return (Crc32cCodec(),)
     if codec.name == "zstd":
-        return ZstdCodec(level=codec.level)
+        return (ZstdCodec(level=codec.level), Crc32cCodec())
     cname = "lz4" if codec.name == "lz4" else "zstd"
-    return BloscCodec(cname=cname, clevel=codec.level, shuffle="bitshuffle")
+    return (BloscCodec(cname=cname, clevel=codec.level, shuffle="bitshuffle"), Crc32cCodec())
 
 
 @dataclass
@@ -224,21 +246,25 @@ class ZarrCacheStore(CacheStore):
     def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "ZarrCacheStore":
         import zarr
 
+        from zarr.codecs import Crc32cCodec, ZstdCodec
+
         g = zarr.open_group(str(path), mode="w")
         comp = _zarr_compressors(Codec.parse(meta.codec))
         n, s = meta.n, meta.shard_size
         for name, (shape, dtype) in _array_layout(meta).items():
-            g.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *shape),
-                           shards=(s, *shape), compressors=comp, fill_value=0)
+            g.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *shape), shards=(s, *shape),
+                           compressors=comp, fill_value=0, dimension_names=S.dimension_names(name))
         small = max(1, min(n, 1 << 16))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # variable-length strings are a zarr v3 extension
-            g.create_array(S.IDS, shape=(n,), dtype=str, chunks=(small,))
-        g[S.IDS][:] = np.array(ids, dtype=object)
-        g.create_array(S.LABELS, shape=(n,), dtype="int32", chunks=(small,))[:] = labels
-        g.create_array(S.SPLIT, shape=(n,), dtype="uint8", chunks=(small,))[:] = split
+        checked = (ZstdCodec(level=3), Crc32cCodec())  # the small arrays: core types, compressed, checksummed
+        id_bytes = S.encode_ids(ids)
+        g.create_array(S.IDS, shape=id_bytes.shape, dtype="uint8", chunks=(small, id_bytes.shape[1]),
+                       compressors=checked, fill_value=0, dimension_names=S.dimension_names(S.IDS))[:] = id_bytes
+        for name, values, dtype in ((S.LABELS, labels, "int32"), (S.SPLIT, split, "uint8")):
+            g.create_array(name, shape=(n,), dtype=dtype, chunks=(small,), compressors=checked, fill_value=0,
+                           dimension_names=S.dimension_names(name))[:] = values
         # One status chunk per shard, so marking a shard done rewrites one small object.
-        g.create_array(S.STATUS, shape=(n,), dtype="uint8", chunks=(s,), fill_value=S.STATUS_PENDING)
+        g.create_array(S.STATUS, shape=(n,), dtype="uint8", chunks=(s,), fill_value=S.STATUS_PENDING,
+                       compressors=checked, dimension_names=S.dimension_names(S.STATUS))
         # The metadata goes last: a cache without it is visibly unfinished and is recreated.
         g.attrs.update({S.SKIPPED_ATTR: {}, S.OVERFLOW_ATTR: {}, S.META_ATTR: meta.to_dict()})
         return cls(path, "r+")
@@ -254,6 +280,10 @@ class ZarrCacheStore(CacheStore):
 
     def read_all(self, name):
         return self._array(name)[:]
+
+    def array_info(self, name):
+        a = self._array(name)
+        return tuple(a.shape), np.dtype(a.dtype)
 
     def row_reader(self, name):
         # Local shard files of featrecon's layout: decoded straight into the caller's buffers
@@ -341,14 +371,16 @@ class H5CacheStore(CacheStore):
     def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "H5CacheStore":
         import h5py
 
-        filt = _h5_filter(Codec.parse(meta.codec))
+        # Fletcher-32 after the compressor: HDF5 checks it on every chunk it reads.
+        filt = {**_h5_filter(Codec.parse(meta.codec)), "fletcher32": True}
         with h5py.File(path, "w", libver="latest") as f:
             for name, (shape, dtype) in _array_layout(meta).items():
                 f.create_dataset(name, shape=(meta.n, *shape), dtype=dtype, chunks=(1, *shape), fillvalue=0, **filt)
-            f.create_dataset(S.IDS, data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset(S.LABELS, data=labels.astype("int32"))
-            f.create_dataset(S.SPLIT, data=split.astype("uint8"))
-            f.create_dataset(S.STATUS, shape=(meta.n,), dtype="uint8", fillvalue=S.STATUS_PENDING)
+            f.create_dataset(S.IDS, data=S.encode_ids(ids), fletcher32=True)
+            f.create_dataset(S.LABELS, data=labels.astype("int32"), fletcher32=True)
+            f.create_dataset(S.SPLIT, data=split.astype("uint8"), fletcher32=True)
+            f.create_dataset(S.STATUS, shape=(meta.n,), dtype="uint8", fillvalue=S.STATUS_PENDING, fletcher32=True,
+                             chunks=(max(1, min(meta.n, meta.shard_size)),))
             f.attrs[S.SKIPPED_ATTR] = "{}"
             f.attrs[S.OVERFLOW_ATTR] = "{}"
             f.attrs[S.META_ATTR] = json.dumps(meta.to_dict())
@@ -359,7 +391,11 @@ class H5CacheStore(CacheStore):
 
     def read_all(self, name):
         ds = self.file[name]
-        return ds.asstr()[:] if name == S.IDS else ds[:]
+        return ds.asstr()[:] if ds.dtype.kind == "O" else ds[:]  # schema 1 stored ids as strings
+
+    def array_info(self, name):
+        ds = self.file[name]
+        return tuple(ds.shape), ds.dtype
 
     def attr(self, key, default=None):
         raw = self.file.attrs.get(key)

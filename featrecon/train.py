@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 LOSSES = ("mse", "l1", "mse+ssim")
 # Settings that may change between a run and its --resume without changing the result.
 RESUMABLE_CHANGES = {"resume", "progress", "device", "prefetch", "read_threads", "in_memory", "allow_partial", "cache",
-                     "compile"}
+                     "compile", "skip_corrupt"}
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "yes", "no")
 
@@ -65,6 +65,7 @@ class TrainConfig:
     eval_samples: int = 64  # fixed train subset for the per-epoch PSNR
     resume: bool = False  # continue from out/last.pt
     allow_partial: bool = False  # train on the done samples of an unfinished cache
+    skip_corrupt: bool = False  # leave out samples whose chunks fail their checksum, instead of stopping
     progress: bool = True  # tqdm bar
 
     def to_dict(self) -> dict:
@@ -312,10 +313,12 @@ def fit(cfg: TrainConfig) -> dict:
                             **({"fused": True} if settings.fused_adamw else {}))
     loader = CacheLoader(cfg.cache, layers, idx, cfg.batch_size, shuffle=True, seed=cfg.seed, prefetch=cfg.prefetch,
                          in_memory={"auto": "auto", "yes": True, "no": False}[cfg.in_memory],
-                         pin_memory=device.type == "cuda", threads=cfg.read_threads, reuse_buffers=True)
+                         pin_memory=device.type == "cuda", threads=cfg.read_threads, reuse_buffers=True,
+                         skip_corrupt=cfg.skip_corrupt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * len(loader), cfg.warmup))
     eval_idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, min(cfg.eval_samples, len(idx)), replace=False))
-    eval_loader = CacheLoader(cfg.cache, layers, eval_idx, cfg.batch_size, shuffle=False, in_memory=True)
+    eval_loader = CacheLoader(cfg.cache, layers, eval_idx, cfg.batch_size, shuffle=False, in_memory=True,
+                              skip_corrupt=cfg.skip_corrupt)
     start, best, history = 0, -math.inf, []
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
@@ -335,7 +338,8 @@ def fit(cfg: TrainConfig) -> dict:
             ev = evaluate(model, eval_loader, device)
             row = {"epoch": epoch + 1, "loss": stats["loss"], "psnr": float(np.mean(ev["psnr"])),
                    "ssim": float(np.mean(ev["ssim"])), "lr": sched.get_last_lr()[0],
-                   "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"], "seconds": stats["seconds"]}
+                   "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"], "seconds": stats["seconds"],
+                   "corrupt_skipped": len(loader.corrupt | eval_loader.corrupt)}
             history.append(row)
             improved = row["psnr"] > best
             best = max(best, row["psnr"])

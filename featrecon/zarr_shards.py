@@ -224,9 +224,11 @@ class ShardDecoder:
             raise CorruptChunk(self.name, first, f"the index of shard {k} is damaged")
         return tail[:n_index].view("<u8").reshape(-1, 2)
 
-    def read(self, k: int, rows: Sequence[int], outs: Sequence[np.ndarray]) -> None:
-        """Decode rows `rows` of shard k into `outs` (C-contiguous, one sample each).
-        Raises CorruptChunk naming the first bad sample (its global index)."""
+    def read(self, k: int, rows: Sequence[int], outs: Sequence[np.ndarray],
+             on_error: Callable[[CorruptChunk], None] | None = None) -> None:
+        """Decode rows `rows` of shard k into `outs` (C-contiguous, one sample each). A damaged
+        sample raises CorruptChunk (its global index), or with `on_error` is handed to it,
+        zero-filled, and the rest are read."""
         path = self.folder / shard_key(k, len(self.layout.shape))
         try:
             data = np.fromfile(path, dtype=np.uint8)
@@ -234,24 +236,44 @@ class ShardDecoder:
             for out in outs:
                 out[...] = 0
             return
-        index = self.shard_index(data, k)
         base = k * self.layout.per_shard
-        for r, out in zip(rows, outs):
-            offset, nbytes = (int(v) for v in index[r])
-            if offset == MAX_U64:
+        try:
+            index = self.shard_index(data, k)
+        except CorruptChunk as e:
+            for r, out in zip(rows, outs):
                 out[...] = 0
-                continue
-            if offset + nbytes > len(data):
-                raise CorruptChunk(self.name, base + r, "its chunk lies past the end of the shard file")
-            chunk = data[offset: offset + nbytes]
-            if self.layout.checksum:
-                chunk, stored = chunk[:-4], int.from_bytes(chunk[-4:], "little")
-                if _crc32c(chunk) != stored:
-                    raise CorruptChunk(self.name, base + r, "checksum mismatch (crc32c)")
+                report(CorruptChunk(self.name, base + r, e.why), on_error)
+            return
+        for r, out in zip(rows, outs):
             try:
-                if self._decompress is None:
-                    out.reshape(-1).view(np.uint8)[...] = chunk
-                else:
-                    self._decompress(chunk, out=out)
-            except Exception as e:  # a damaged frame the codec itself rejects
-                raise CorruptChunk(self.name, base + r, f"cannot be decoded ({type(e).__name__}: {e})") from None
+                self._decode_chunk(data, index[r], out, base + r)
+            except CorruptChunk as e:
+                out[...] = 0
+                report(e, on_error)
+
+    def _decode_chunk(self, data: np.ndarray, entry: np.ndarray, out: np.ndarray, sample: int) -> None:
+        offset, nbytes = (int(v) for v in entry)
+        if offset == MAX_U64:
+            out[...] = 0
+            return
+        if offset + nbytes > len(data):
+            raise CorruptChunk(self.name, sample, "its chunk lies past the end of the shard file")
+        chunk = data[offset: offset + nbytes]
+        if self.layout.checksum:
+            chunk, stored = chunk[:-4], int.from_bytes(chunk[-4:].tobytes(), "little")
+            if _crc32c(chunk) != stored:
+                raise CorruptChunk(self.name, sample, "checksum mismatch (crc32c)")
+        try:
+            if self._decompress is None:
+                out.reshape(-1).view(np.uint8)[...] = chunk
+            else:
+                self._decompress(chunk, out=out)
+        except Exception as e:  # a damaged frame the codec itself rejects
+            raise CorruptChunk(self.name, sample, f"cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def report(error: CorruptChunk, on_error: Callable[[CorruptChunk], None] | None) -> None:
+    """Raise the damage, or hand it to `on_error`."""
+    if on_error is None:
+        raise error
+    on_error(error)
