@@ -99,6 +99,18 @@ def _load_state_dict_file(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def check_weights(weights: str) -> None:
+    """A clear error for a --weights value that names nothing, before anything is loaded."""
+    if weights == "auto" or weights in NAMED_WEIGHTS:
+        return
+    if weights == "random" or weights.startswith("random:"):
+        if not (weights.partition(":")[2] or "0").isdigit():
+            raise FeatreconError(f"--weights {weights!r}: the seed after 'random:' must be a non-negative integer")
+        return
+    if not Path(weights).is_file():
+        raise FeatreconError(f"--weights {weights!r}: not a known name nor an existing file; use {WEIGHTS_HELP}")
+
+
 def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
     """Build a ResNet-50 in eval mode. Returns the model and the weights name to record
     (what was actually used: `auto` resolves to IMAGENET1K_V2 or random:0)."""
@@ -111,10 +123,9 @@ def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
             log.warning("%s -- falling back to --weights random:0; the cache records this, "
                         "and its numbers describe a randomly initialised network", e)
             return load_resnet50("random:0")
+    check_weights(weights)
     if weights == "random" or weights.startswith("random:"):
         seed_text = weights.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise FeatreconError(f"--weights {weights!r}: the seed after 'random:' must be a non-negative integer")
         with torch.random.fork_rng():
             torch.manual_seed(int(seed_text))
             model = resnet50(weights=None)
@@ -124,10 +135,8 @@ def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
 
         name = ResNet50_Weights[weights].name  # DEFAULT -> IMAGENET1K_V2
         sd = _download_state_dict(name)
-    elif Path(weights).is_file():
-        sd, name = _load_state_dict_file(Path(weights)), str(Path(weights).resolve())
     else:
-        raise FeatreconError(f"--weights {weights!r}: not a known name nor an existing file; use {WEIGHTS_HELP}")
+        sd, name = _load_state_dict_file(Path(weights)), str(Path(weights).resolve())
     model = resnet50(weights=None)
     try:
         model.load_state_dict(sd)

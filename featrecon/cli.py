@@ -13,6 +13,14 @@ import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like featrecon's own."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -39,7 +47,7 @@ def _run(prog: str, fn, args: argparse.Namespace) -> int:
 
 
 def extract_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extract-features", description=(
+    p = _Parser(prog="extract-features", description=(
         "Run a torchvision ResNet-50 once over a folder of images and cache every requested layer's "
         "activations, the preprocessed images, ids, labels and a train/holdout split."))
     p.add_argument("--images", type=Path, help="folder of images, searched recursively "
@@ -99,7 +107,7 @@ def extract_main(argv: list[str] | None = None) -> int:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train-decoder", description=(
+    p = _Parser(prog="train-decoder", description=(
         "Train a decoder that reconstructs the image from one or several cached layers. "
         "Reads only the cache: the backbone never runs and no image file is decoded."))
     p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
@@ -154,7 +162,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def score_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="score", description=(
+    p = _Parser(prog="score", description=(
         "Score every decoder on a split of the cache: MSE, PSNR and SSIM on [0,1] RGB images, "
         "side-by-side PNGs and a grid across depths."))
     p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
@@ -189,7 +197,7 @@ def score_main(argv: list[str] | None = None) -> int:
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="featrecon verify", description=(
+    p = _Parser(prog="featrecon verify", description=(
         "Read every stored chunk of a cache, check its checksum, the features' finiteness and the "
         "metadata; exit 1 if anything is damaged."))
     p.add_argument("cache", type=Path)

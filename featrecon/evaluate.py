@@ -177,8 +177,24 @@ def score_baseline(store: CacheStore, idx: np.ndarray, batch_size: int, skip_cor
     return {k: np.concatenate(v) for k, v in parts.items()}, corrupt | loader.corrupt
 
 
+def check_score_config(cfg: ScoreConfig) -> None:
+    """One clear error for the first bad setting, before any checkpoint or cache is read."""
+    if cfg.split not in SPLITS:
+        raise FeatreconError(f"--split {cfg.split!r}: choose one of {', '.join(SPLITS)}")
+    if cfg.which not in ("best", "last"):
+        raise FeatreconError(f"--which {cfg.which!r}: choose best or last")
+    if cfg.save < 0:
+        raise FeatreconError(f"--save {cfg.save}: must be 0 or more")
+    if cfg.batch_size < 1:
+        raise FeatreconError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.images is not None and not Path(cfg.images).is_dir():
+        raise FeatreconError(f"--images {cfg.images}: folder not found; point it at the originals' folder")
+    resolve_device(cfg.device)
+
+
 def score(cfg: ScoreConfig) -> dict:
     """Score every checkpoint on cfg.split of cfg.cache and write the report."""
+    check_score_config(cfg)
     device = resolve_device(cfg.device)
     found = find_checkpoints(cfg)
     store = open_cache(cfg.cache)

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from tqdm import tqdm
 
 from . import FeatreconError, __version__
 from . import schema as S
-from .backbone import FeatureExtractor, fingerprint, load_resnet50, preprocessing_for, resolve_device, resolve_layers
+from .backbone import (FeatureExtractor, check_weights, fingerprint, load_resnet50, preprocessing_for, resolve_device,
+                       resolve_layers)
 from .data import (SAMPLE_IMAGES, ImageDataset, assign_split, collate_images, discover_images, labels_for,
                    sample_images_root)
 from .schema import CacheMeta, Codec
@@ -139,7 +141,33 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise FeatreconError(f"--workers {cfg.workers}: must be 0 (decode in the main process) or more")
     if cfg.limit is not None and cfg.limit < 1:
         raise FeatreconError(f"--limit {cfg.limit}: must be at least 1")
+    if cfg.size is not None and cfg.size < 32:
+        raise FeatreconError(f"--size {cfg.size}: must be at least 32 (layer4 has stride 32)")
+    if not 0.0 <= cfg.holdout_fraction < 1.0:
+        raise FeatreconError(f"--holdout-fraction {cfg.holdout_fraction}: must be in [0, 1)")
+    if cfg.autocast not in ("none", "bf16", "fp16"):
+        raise FeatreconError(f"--autocast {cfg.autocast!r}: choose none, bf16 or fp16")
+    for flag, path in (("--labels", cfg.labels), ("--class-map", cfg.class_map)):
+        if path is not None and not Path(path).is_file():
+            raise FeatreconError(f"{flag} {path}: file not found")
+    if cfg.images is not None and not Path(cfg.images).expanduser().is_dir():
+        raise FeatreconError(f"--images {cfg.images}: folder does not exist" if not Path(cfg.images).exists()
+                             else f"--images {cfg.images}: not a folder; point it at a folder of images")
     use_compile(cfg.compile, 0)
+    check_weights(cfg.weights)
+    resolve_device(cfg.device)
+    _check_out(cfg.out)
+    with torch.device("meta"):  # layer names checked on an empty model: no weights loaded or downloaded
+        resolve_layers(cfg.layers, torchvision.models.resnet50())
+
+
+def _check_out(out: Path) -> None:
+    """--out must be creatable: its nearest existing ancestor a writable folder."""
+    parent = Path(out).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise FeatreconError(f"--out {out}: cannot be created under {parent} (not a writable folder); choose another --out")
 
 
 def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, weights_fp: str, pre,

@@ -128,6 +128,21 @@ class CacheStore(ABC):
         """Reads chosen samples of one shard of array `name` into the caller's buffers."""
         return SliceReader(self, name)
 
+    def read_rows(self, name: str, indices) -> np.ndarray:
+        """Samples `indices` (any order, repeats allowed) of a per-sample array, in that order:
+        whole shards read once each, every sample decoded straight into the result."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.meta.n):
+            raise FeatreconError(f"{self.path}: sample indices must be in 0..{self.meta.n - 1}")
+        shape, dtype = self.array_info(name)
+        out = np.empty((len(indices), *shape[1:]), dtype)
+        reader = self.row_reader(name)
+        shard_of = indices // self.meta.shard_size
+        for k in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == k)
+            reader.read(int(k), (indices[at] - int(k) * self.meta.shard_size).tolist(), [out[j] for j in at])
+        return out
+
     @abstractmethod
     def array_info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) of array `name`; KeyError if there is none."""

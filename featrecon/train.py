@@ -71,6 +71,31 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
 
+    def validate(self) -> None:
+        """One clear error for the first bad setting, before anything is read or built."""
+        checks = [("--epochs", self.epochs, self.epochs >= 1, "must be at least 1"),
+                  ("--batch-size", self.batch_size, self.batch_size >= 1, "must be at least 1"),
+                  ("--lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
+                  ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
+                  ("--warmup", self.warmup, 0 <= self.warmup < 1, "must be in [0, 1): a share of all steps"),
+                  ("--width", self.width, self.width >= 8, "must be at least 8"),
+                  ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
+                  ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
+                  ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
+                  ("--prefetch", self.prefetch, self.prefetch is None or self.prefetch >= 1, "must be at least 1"),
+                  ("--read-threads", self.read_threads, self.read_threads is None or self.read_threads >= 1,
+                   "must be at least 1")]
+        for flag, value, ok, what in checks:
+            if not ok:
+                raise FeatreconError(f"{flag} {value}: {what}")
+        for flag, value, choices in (("--loss", self.loss, LOSSES), ("--precision", self.precision, PRECISIONS),
+                                     ("--compile", self.compile, COMPILE_CHOICES),
+                                     ("--in-memory", self.in_memory, ("auto", "yes", "no"))):
+            if value not in choices:
+                raise FeatreconError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        if not self.layers:
+            raise FeatreconError("--layer is empty; name a cached layer such as layer3, or several: layer2,layer3")
+
 
 class Diverged(Exception):
     pass
@@ -174,10 +199,6 @@ def step_settings(cfg: "TrainConfig", device: torch.device) -> StepSettings:
     the noise of eager fp32 (4.3-4.7 samples/s). On CUDA bf16, channels-last (tensor-core
     convolutions), fused AdamW and a compiled step are the standard fast path."""
     cuda = device.type == "cuda"
-    if cfg.precision not in PRECISIONS:
-        raise FeatreconError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if cfg.compile not in COMPILE_CHOICES:
-        raise FeatreconError(f"--compile {cfg.compile!r}: choose one of {', '.join(COMPILE_CHOICES)}")
     autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     return StepSettings(autocast=autocast, channels_last=cuda, fused_adamw=cuda,
                         compile=cfg.compile == "yes" or (cfg.compile == "auto" and cuda))
@@ -288,11 +309,8 @@ def _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch, best, history) -
 
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume) a decoder; returns the last epoch's metrics."""
-    if cfg.loss not in LOSSES:
-        raise FeatreconError(f"--loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise FeatreconError("--epochs and --batch-size must be at least 1")
-    device = resolve_device(cfg.device)
+    cfg.validate()
+    device = resolve_device(cfg.device)  # also a check: an unknown or absent device is refused here
     store = open_cache(cfg.cache)
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
     layers = tuple(sorted(cfg.layers, key=list(store.meta.layers).index))

@@ -123,3 +123,25 @@ def test_score_refusals(tmp_path, zarr_cache, photos24):
     tiny = build_cache(tmp_path / "t.zarr", photos24, layers="layer1", limit=1, holdout_fraction=0.0)
     with pytest.raises(FeatreconError, match="no done samples"):
         score(ScoreConfig(cache=tiny, runs=tmp_path / "runs", out=tmp_path / "r", progress=False))
+
+
+@pytest.mark.slow
+def test_readme_python_section_runs_and_agrees_with_score(tmp_path, monkeypatch, capsys):
+    """The README's "From Python" code, verbatim, in a folder of photos; its PSNR equals score's."""
+    import re
+    from pathlib import Path
+
+    from conftest import make_image_folder
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    make_image_folder(tmp_path / "photos", copies=3)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(code, ns)  # noqa: S102 - the documented snippet itself
+    assert len(ns["holdout"]) > 0 and ns["recon"].shape == (len(ns["holdout"]), 3, 224, 224)
+    row = next(r for r in ns["report"]["runs"] if r["layers"] == "layer3")
+    assert row["per_image"]["index"] == ns["holdout"].tolist()
+    np.testing.assert_allclose(ns["psnr"], row["per_image"]["psnr"], atol=1e-3)
+    assert f"layer3 on {len(ns['holdout'])} holdout images" in capsys.readouterr().out
