@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             cache = cache or _cache_for(args, root, ids, work, device)
         if "storage" in args.sections:
             result["storage"] = storage.bench_storage(cache, 8 if args.quick else 64, work)
+            result["checksum"] = storage.checksum_cost(cache, 2 if args.quick else 8, args.rounds)
             result["storage_run"] = stamp
         if "loader" in args.sections:
             drop_page_cache()  # nothing of another section's reads stays warm by accident
@@ -147,7 +148,7 @@ def _provenance(run: dict) -> str:
 def markdown(r: dict) -> str:
     lines = ["# featrecon benchmarks\n"]
     parts = [("extraction", lambda: extraction.markdown({**r["extraction_run"], "extraction": r["extraction"]})),
-             ("storage", lambda: storage.markdown(r["storage"])),
+             ("storage", lambda: storage.markdown(r["storage"], r.get("checksum"))),
              ("loader", lambda: loader.markdown(r["loader"], r.get("codecs", []))),
              ("training", lambda: training.markdown(r["training"]))]
     for name, render in parts:

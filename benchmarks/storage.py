@@ -65,6 +65,41 @@ def bench_storage(cache: Path, n: int, work: Path) -> list[dict]:
     return rows
 
 
+def checksum_cost(cache: Path, shards: int = 8, rounds: int = 3) -> dict:
+    """Encoding every array's shards with the writer's code, with and without the per-chunk
+    crc32c (schema 2 against 1), on one thread per core as extraction runs it; alternating
+    rounds, best of each."""
+    import dataclasses
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featrecon.zarr_shards import ShardEncoder
+
+    with open_cache(cache) as store:
+        meta = store.meta
+        ks = list(meta.shards())[:shards]
+        names = [S.IMAGES, *(S.feature_path(l) for l in meta.layers)]
+        data = {(name, k): store.read(name, *meta.shard_bounds(k)) for name in names for k in ks}
+        arrays = {name: store._writable(name)[0] for name in names}
+    encoders = {}
+    for checksum in (True, False):
+        for name, array in arrays.items():
+            enc = ShardEncoder.for_array(array)
+            encoders[checksum, name] = ShardEncoder(array, dataclasses.replace(enc.layout, checksum=checksum))
+    best = {True: float("inf"), False: float("inf")}
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for _ in range(rounds):
+            for checksum in (True, False):
+                t0 = time.perf_counter()
+                started = [(encoders[checksum, name], encoders[checksum, name].start(rows, pool))
+                           for (name, _), rows in data.items()]
+                for encoder, parts in started:
+                    encoder.assemble(parts)
+                best[checksum] = min(best[checksum], time.perf_counter() - t0)
+    mb = sum(v.nbytes for v in data.values()) / 1e6
+    return {"with_MB_s": mb / best[True], "without_MB_s": mb / best[False], "cost": best[True] / best[False] - 1}
+
+
 def _empty_overhead(path: Path, fmt: str) -> int:
     """Bytes of everything but the feature chunks (metadata, small arrays, the empty images array)."""
     if fmt == "zarr":
@@ -72,7 +107,7 @@ def _empty_overhead(path: Path, fmt: str) -> int:
     return 0  # HDF5 keeps it all in one file; the small arrays are a few KB
 
 
-def markdown(rows: list[dict]) -> list[str]:
+def markdown(rows: list[dict], checksum: dict | None = None) -> list[str]:
     lines = ["## 2. Storage (bytes per sample on disk, ratio to raw float32)\n"]
     layers = list(rows[0]["layers"])
     lines += ["| format | codec | write MB/s | " + " | ".join(layers) + " | all layers MB |",
@@ -84,4 +119,8 @@ def markdown(rows: list[dict]) -> list[str]:
                      + f" | {row['bytes_per_sample'] / 1e6:.2f} |")
     zf = rows[0]["layers"]
     lines.append("\nExact zeros in the stored features: " + ", ".join(f"{l} {v['zero_fraction']:.0%}" for l, v in zf.items()))
+    if checksum:
+        lines.append(f"\nThe per-chunk crc32c (schema 2): encoding all layers' shards at zstd:1 with the writer's code "
+                     f"ran at {checksum['with_MB_s']:.0f} MB/s with it and {checksum['without_MB_s']:.0f} MB/s "
+                     f"without, a cost of **{checksum['cost']:+.1%}** (best of alternating rounds).")
     return lines

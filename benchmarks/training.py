@@ -8,7 +8,8 @@ layer3, the same batch size. Three feeds:
 - the cache, streamed by `CacheLoader` (pinned and copied ahead on CUDA);
 - JPEG decode (DataLoader workers) + the backbone to layer3, as training without a cache runs.
 On a shared CPU the same loop varies by 10-15% from minute to minute, so the limit and
-the cache-fed loop run in alternating rounds and the median round's ratio is reported.
+the cache-fed loop run in rounds, in A-B then B-A order, and the median round's ratio
+is reported beside every round's.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _train_setup(cache: Path, device, batch: int, steps: int):
         meta = store.meta
     cfg = TrainConfig(cache=cache, layers=("layer3",), out=Path("."), batch_size=batch, progress=False)
     dcfg = DecoderConfig(("layer3",), (tuple(meta.layers["layer3"]),), meta.image_shape[1:], width=cfg.width,
-                         depth=cfg.depth, base_width=max(4, cfg.width // 8))
+                         depth=cfg.depth, base_width=max(4, cfg.width // 8), arch=cfg.arch)
     settings = step_settings(cfg, device)
 
     def new_step() -> Step:
@@ -84,9 +85,13 @@ def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, 
              torch.rand(batch, *meta.image_shape, device=device))
     limit_feed = iter(lambda: fixed, None)
     per_round = []
-    for r in range(rounds):  # alternating, so drift on a shared machine hits both alike
-        limit = _timed(new_step(), limit_feed, steps, device)
-        cached = _timed(new_step(), cache_feed, steps, device)
+    for r in range(rounds):  # alternating, limit first in even rounds and last in odd ones, so drift cancels
+        if r % 2 == 0:
+            limit = _timed(new_step(), limit_feed, steps, device)
+            cached = _timed(new_step(), cache_feed, steps, device)
+        else:
+            cached = _timed(new_step(), cache_feed, steps, device)
+            limit = _timed(new_step(), limit_feed, steps, device)
         per_round.append({"limit": limit, "cache": cached, "ratio": cached["samples_s"] / limit["samples_s"]})
         log.info("training round %d: cache %.1f samples/s (wait %.1f%%), random tensors on the device %.1f: %.2f",
                  r + 1, cached["samples_s"], 100 * cached["data_wait_fraction"], limit["samples_s"],

@@ -25,7 +25,7 @@ import torch
 from . import FeatreconError
 from . import schema as S
 from .checkpoint import decoder_from_checkpoint, load_checkpoint
-from .decoders import Decoder
+from torch import nn
 from .storage import CacheStore
 from .storage import open_cache as _open_store
 from .zarr_shards import CorruptChunk
@@ -115,7 +115,7 @@ def open_cache(path: str | os.PathLike) -> Cache:
 
 
 def load_decoder(run: str | os.PathLike, device: str | torch.device = "cpu", cache: Cache | str | os.PathLike | None = None,
-                 which: str = "best") -> Decoder:
+                 which: str = "best") -> nn.Module:
     """A trained decoder in eval mode, from a run folder (its best.pt, or last.pt with
     which="last") or a checkpoint file. With `cache`, refuses a decoder trained on other
     features (weights, preprocessing or layer shapes). The checkpoint's contents are on
@@ -140,7 +140,7 @@ def load_decoder(run: str | os.PathLike, device: str | torch.device = "cpu", cac
 
 
 @torch.no_grad()
-def reconstruct(decoder: Decoder, cache: Cache, idx: Index, batch_size: int = 16) -> np.ndarray:
+def reconstruct(decoder: nn.Module, cache: Cache, idx: Index, batch_size: int = 16) -> np.ndarray:
     """(n, 3, H, W) float32 reconstructions in [0, 1] of samples `idx` of `cache`."""
     device = next(decoder.parameters()).device
     idx = np.arange(cache.meta.n)[idx] if isinstance(idx, slice) else np.atleast_1d(np.asarray(idx))

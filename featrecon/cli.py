@@ -111,8 +111,10 @@ def train_parser() -> argparse.ArgumentParser:
         "Train a decoder that reconstructs the image from one or several cached layers. "
         "Reads only the cache: the backbone never runs and no image file is decoded."))
     p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
-    p.add_argument("--layer", required=True, help="a cached layer, or a comma list to fuse (layer2,layer3)")
-    p.add_argument("--out", type=Path, help="run folder (default: runs/<layer>)")
+    p.add_argument("--layer", required=True, help="a cached layer, a comma list to fuse (layer2,layer3), or each: "
+                   "one decoder per cached layer, one after another (rerun to resume)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<layer>; with --layer each, the folder "
+                   "that gets one run per layer, default runs)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -120,6 +122,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
     p.add_argument("--width", type=int, default=128, help="channels of the widest (coarsest) stage; halved per upsampling, down to width//8")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
+    p.add_argument("--arch", default="edsr", choices=["edsr", "upconv"], help="decoder: edsr (no normalisation, "
+                   "sub-pixel upsampling, scaled residuals) or upconv (nearest upsampling, GroupNorm, sigmoid)")
     p.add_argument("--loss", default="mse", choices=["mse", "l1", "mse+ssim"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -130,7 +134,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help="load the training arrays into RAM once (auto: when they fit comfortably)")
     p.add_argument("--prefetch", type=int, help="shards read ahead of the step (default: twice --read-threads)")
     p.add_argument("--read-threads", type=int, help="threads decoding the cache (default: all cores)")
-    p.add_argument("--eval-samples", type=int, default=64, help="fixed train subset for the per-epoch PSNR")
+    p.add_argument("--eval-samples", type=int, default=64, help="at most this many validation images for the "
+                   "per-epoch PSNR that chooses best.pt")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the train split's images kept out of "
+                   "training to choose best.pt (never the holdout)")
+    p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without a better validation PSNR "
+                   "(0: train all epochs)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last.pt")
     p.add_argument("--allow-partial", action="store_true", help="train on the done samples of an unfinished cache")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out samples whose stored chunks fail their "
@@ -140,16 +149,18 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import TrainConfig, fit
+    from .train import TrainConfig, fit, fit_each
 
     layers = tuple(s.strip() for s in args.layer.split(",") if s.strip())
-    out = args.out or Path("runs") / "+".join(layers)
-    fit(TrainConfig(
+    each = layers == ("each",)
+    out = args.out or (Path("runs") if each else Path("runs") / "+".join(layers))
+    (fit_each if each else fit)(TrainConfig(
         cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, loss=args.loss,
+        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, arch=args.arch, loss=args.loss,
         seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
         prefetch=args.prefetch, read_threads=args.read_threads,
-        eval_samples=args.eval_samples, resume=args.resume, allow_partial=args.allow_partial,
+        eval_samples=args.eval_samples, val_fraction=args.val_fraction, early_stop=args.early_stop,
+        resume=args.resume, allow_partial=args.allow_partial,
         skip_corrupt=args.skip_corrupt,
         progress=not args.no_progress))
 

@@ -1,11 +1,20 @@
-"""Up-convolutional image decoders (after Dosovitskiy & Brox, "Inverting visual
-representations with convolutional networks", 2016). Modules and config only, no I/O.
+"""Image decoders from cached activations. Modules and config only, no I/O.
 
-A decoder maps one or several cached layers to a (3, H, W) image in [0, 1]:
-input projection, then one x2 upsampling stage per factor of two of the layer's
-stride, then a 3x3 convolution and a sigmoid. Channels follow the resolution:
-`base_width` at full resolution, doubling per halving, capped at `width`, so the
-expensive full-resolution stages stay narrow.
+A decoder maps one or several cached layers to a (3, H, W) image in [0, 1]: input
+projection, then one x2 upsampling stage per factor of two of the layer's stride,
+then a 3x3 convolution to RGB. Channels follow the resolution: `base_width` at full
+resolution, doubling per halving, capped at `width`, so the expensive
+full-resolution stages stay narrow. Two architectures (`arch`):
+
+- `edsr` (the default): what single-image super-resolution found to work (EDSR, Lim
+  et al. 2017): no normalisation layers, residual blocks whose output is scaled by
+  `res_scale` before the skip, learned sub-pixel upsampling (a convolution to 4x the
+  channels, then PixelShuffle), a long skip over the input-resolution body, and a
+  linear RGB head clamped to [0, 1] rather than a sigmoid.
+- `upconv`: the first release's decoder, after Dosovitskiy & Brox ("Inverting visual
+  representations with convolutional networks", 2016): nearest x2 upsampling and a
+  convolution per stage, GroupNorm and GELU, a sigmoid head. Kept so that its
+  checkpoints load and the ablation can compare.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ class DecoderConfig:
     in_shapes: tuple[tuple[int, int, int], ...]  # (C, H, W) of each layer
     out_size: tuple[int, int]  # (H, W) of the reconstructed image
     width: int = 256  # widest stage (channels at coarse resolutions)
-    depth: int = 1  # residual blocks per upsampling stage
+    depth: int = 1  # residual blocks per upsampling stage (and in the input-resolution body)
     base_width: int = 32  # channels at full resolution
+    arch: str = "upconv"  # "edsr" or "upconv"; checkpoints written before `arch` existed are upconv
+    res_scale: float = 0.1  # edsr: residual branch scaling
 
     @property
     def in_channels(self) -> int:
@@ -79,7 +90,80 @@ class UpStage(nn.Module):
         return self.blocks(self.up(x))
 
 
-class Decoder(nn.Module):
+ARCHS = ("edsr", "upconv")
+
+
+def Decoder(cfg: DecoderConfig) -> nn.Module:
+    """The decoder `cfg.arch` names."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"decoder arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
+    return EDSRDecoder(cfg) if cfg.arch == "edsr" else UpconvDecoder(cfg)
+
+
+def _fuse(cfg: DecoderConfig, feats: list[torch.Tensor]) -> torch.Tensor:
+    size = cfg.in_size
+    parts = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+             for f in feats]
+    return torch.cat(parts, dim=1)  # (B, sum C, H, W)
+
+
+def _to_out_size(cfg: DecoderConfig, x: torch.Tensor) -> torch.Tensor:
+    if tuple(x.shape[-2:]) != cfg.out_size:  # sizes that are not a power-of-two multiple
+        x = F.interpolate(x, size=cfg.out_size, mode="bilinear", align_corners=False)
+    return x
+
+
+class ScaledResBlock(nn.Module):
+    """conv-ReLU-conv, scaled, added to the input; no normalisation (EDSR)."""
+
+    def __init__(self, ch: int, scale: float):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 3, padding=1))
+        self.scale = scale
+
+    def forward(self, x):
+        return x + self.scale * self.body(x)
+
+
+class ShuffleUp(nn.Module):
+    """x2 sub-pixel upsampling: a 3x3 convolution to 4 * cout channels, PixelShuffle, ReLU,
+    then `depth` scaled residual blocks at the new resolution."""
+
+    def __init__(self, cin: int, cout: int, depth: int, scale: float):
+        super().__init__()
+        self.up = nn.Sequential(nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(*[ScaledResBlock(cout, scale) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.up(x))
+
+
+class EDSRDecoder(nn.Module):
+    """features: list of (B, C_i, H_i, W_i) tensors in config order -> (B, 3, H, W) in [0, 1]."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        stride = round(cfg.out_size[0] / cfg.in_size[0])
+        ch = cfg.channels_at(stride)
+        self.proj = nn.Conv2d(cfg.in_channels, ch, 1)
+        self.body = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale) for _ in range(2 * cfg.depth)],
+                                  nn.Conv2d(ch, ch, 3, padding=1))
+        stages = []
+        for _ in range(cfg.n_stages):
+            stride = max(1, stride // 2)
+            stages.append(ShuffleUp(ch, cfg.channels_at(stride), cfg.depth, cfg.res_scale))
+            ch = cfg.channels_at(stride)
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.proj(_fuse(self.cfg, feats))
+        x = self.stages(x + self.body(x))  # long skip over the body
+        return (self.head(_to_out_size(self.cfg, x)) + 0.5).clamp(0, 1)
+
+
+class UpconvDecoder(nn.Module):
     """features: list of (B, C_i, H_i, W_i) tensors in config order -> (B, 3, H, W) in [0, 1]."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -97,17 +181,9 @@ class Decoder(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = nn.Conv2d(ch, 3, 3, padding=1)
 
-    def fuse(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        size = self.cfg.in_size
-        parts = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                 for f in feats]
-        return torch.cat(parts, dim=1)  # (B, sum C, H, W)
-
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        x = self.stages(self.proj(self.fuse(feats)))
-        if tuple(x.shape[-2:]) != self.cfg.out_size:  # sizes that are not a power-of-two multiple
-            x = F.interpolate(x, size=self.cfg.out_size, mode="bilinear", align_corners=False)
-        return torch.sigmoid(self.head(x))
+        x = self.stages(self.proj(_fuse(self.cfg, feats)))
+        return torch.sigmoid(self.head(_to_out_size(self.cfg, x)))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,7 +24,7 @@ def save_png(chw_uint8: np.ndarray, path: Path) -> None:
 
 
 def plot_training(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and train-subset PSNR per epoch."""
+    """Loss and the PSNR that chooses best.pt (validation images, else a train subset) per epoch."""
     if not history:
         return
     plt = _plt()
@@ -33,7 +33,8 @@ def plot_training(history: list[dict], path: Path, title: str = "") -> None:
     a.plot(ep, [r["loss"] for r in history], marker="o")
     a.set(xlabel="epoch", ylabel="train loss", yscale="log", title=title)
     b.plot(ep, [r["psnr"] for r in history], marker="o", color="tab:green")
-    b.set(xlabel="epoch", ylabel="PSNR on train subset (dB)")
+    on = history[-1].get("psnr_on", "train subset") if history else "validation"
+    b.set(xlabel="epoch", ylabel=f"PSNR on {on} (dB)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,7 +2,8 @@
 
 `fit` reads shapes, preprocessing and fingerprint from the cache, trains on the
 train split only, and after every epoch writes `last.pt` (and `best.pt` when the
-PSNR on a fixed train subset improves) atomically, then appends a line to
+PSNR on validation images improves: a fixed part of the train split, by source id, never
+trained on and never the holdout) atomically, then appends a line to
 `metrics.jsonl`. `--resume` continues from `last.pt`; on a CPU the result is
 bit-for-bit the uninterrupted run, because all randomness comes from (seed,
 epoch).
@@ -26,7 +27,7 @@ from . import FeatreconError, __version__
 from . import schema as S
 from .backbone import resolve_device
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, write_json
-from .decoders import Decoder, DecoderConfig, count_parameters
+from .decoders import ARCHS, Decoder, DecoderConfig, count_parameters
 from .evaluate import evaluate
 from .loader import Batch, CacheLoader
 from .metrics import ssim
@@ -53,6 +54,7 @@ class TrainConfig:
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine to zero
     width: int = 128  # widest decoder stage; full resolution gets width // 8
     depth: int = 1  # residual blocks per stage
+    arch: str = "edsr"  # decoder architecture: edsr (no norm, PixelShuffle, scaled residuals) or upconv (the first)
     loss: str = "mse"  # mse, l1, or mse+ssim: MSE + ssim_weight * (1 - SSIM)
     ssim_weight: float = 0.1  # weight of the SSIM term in mse+ssim
     seed: int = 0  # decoder init and data order
@@ -62,7 +64,9 @@ class TrainConfig:
     in_memory: str = "auto"  # auto/yes/no: hold the train arrays in RAM
     prefetch: int | None = None  # shards read ahead of the step (default: twice the read threads)
     read_threads: int | None = None  # threads decoding the cache (default: all cores)
-    eval_samples: int = 64  # fixed train subset for the per-epoch PSNR
+    eval_samples: int = 64  # at most this many validation samples for the per-epoch PSNR
+    val_fraction: float = 0.05  # share of the train split's images kept out of training to choose best.pt
+    early_stop: int = 0  # stop after this many epochs without a better validation PSNR (0: never)
     resume: bool = False  # continue from out/last.pt
     allow_partial: bool = False  # train on the done samples of an unfinished cache
     skip_corrupt: bool = False  # leave out samples whose chunks fail their checksum, instead of stopping
@@ -82,13 +86,16 @@ class TrainConfig:
                   ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
                   ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
                   ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
+                  ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 0.5, "must be in [0, 0.5)"),
+                  ("--early-stop", self.early_stop, self.early_stop >= 0, "must be 0 (off) or more"),
                   ("--prefetch", self.prefetch, self.prefetch is None or self.prefetch >= 1, "must be at least 1"),
                   ("--read-threads", self.read_threads, self.read_threads is None or self.read_threads >= 1,
                    "must be at least 1")]
         for flag, value, ok, what in checks:
             if not ok:
                 raise FeatreconError(f"{flag} {value}: {what}")
-        for flag, value, choices in (("--loss", self.loss, LOSSES), ("--precision", self.precision, PRECISIONS),
+        for flag, value, choices in (("--loss", self.loss, LOSSES), ("--arch", self.arch, ARCHS),
+                                     ("--precision", self.precision, PRECISIONS),
                                      ("--compile", self.compile, COMPILE_CHOICES),
                                      ("--in-memory", self.in_memory, ("auto", "yes", "no"))):
             if value not in choices:
@@ -114,6 +121,23 @@ def train_indices(store: CacheStore, allow_partial: bool) -> np.ndarray:
     if len(idx) == 0:
         raise FeatreconError(f"--cache {store.path}: the train split has no done samples; nothing to train on")
     return idx
+
+
+def validation_split(store: CacheStore, idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(trained on, validation): the train split's samples divided by a fixed rule on the
+    source id (sha1 of "validation/" + id, as the holdout rule but independent of it), so
+    the validation images are never trained on and best.pt never sees the holdout. At
+    least one validation image once there are 10 train images; none with fraction 0."""
+    from .data import holdout_score
+
+    if fraction <= 0 or len(idx) < 10:
+        return idx, idx[:0]
+    ids = store.ids()
+    score = np.array([holdout_score("validation/" + ids[i]) for i in idx])
+    val = score < fraction
+    if not val.any():
+        val[np.argmin(score)] = True
+    return idx[~val], idx[val]
 
 
 def lr_lambda(total_steps: int, warmup: float):
@@ -315,10 +339,10 @@ def fit(cfg: TrainConfig) -> dict:
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
     layers = tuple(sorted(cfg.layers, key=list(store.meta.layers).index))
     cfg = TrainConfig(**{**asdict(cfg), "layers": layers})
-    idx = train_indices(store, cfg.allow_partial)
+    idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = DecoderConfig(layers=layers, in_shapes=tuple(tuple(store.meta.layers[l]) for l in layers),
                          out_size=store.meta.image_shape[1:], width=cfg.width, depth=cfg.depth,
-                         base_width=max(4, cfg.width // 8))
+                         base_width=max(4, cfg.width // 8), arch=cfg.arch)
     cfg.out.mkdir(parents=True, exist_ok=True)
     resume_from = _check_run_folder(cfg, fp)
 
@@ -334,7 +358,11 @@ def fit(cfg: TrainConfig) -> dict:
                          pin_memory=device.type == "cuda", threads=cfg.read_threads, reuse_buffers=True,
                          skip_corrupt=cfg.skip_corrupt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * len(loader), cfg.warmup))
-    eval_idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, min(cfg.eval_samples, len(idx)), replace=False))
+    # best.pt is chosen on validation images, never trained on; with too few images to spare
+    # one, on a fixed subset of the training images (and the metrics say so).
+    pick_from, eval_on = (val_idx, "validation") if len(val_idx) else (idx, "train subset")
+    eval_idx = np.sort(np.random.default_rng(cfg.seed).choice(pick_from, min(cfg.eval_samples, len(pick_from)),
+                                                              replace=False))
     eval_loader = CacheLoader(cfg.cache, layers, eval_idx, cfg.batch_size, shuffle=False, in_memory=True,
                               skip_corrupt=cfg.skip_corrupt)
     start, best, history = 0, -math.inf, []
@@ -344,7 +372,8 @@ def fit(cfg: TrainConfig) -> dict:
         sched.load_state_dict(resume_from["scheduler"])
         start, best, history = resume_from["epoch"], resume_from["best_psnr"], resume_from["history"]
         log.info("resuming %s after epoch %d of %d", cfg.out, start, cfg.epochs)
-    write_json({**cfg.to_dict(), "decoder": asdict(dcfg), "fingerprint": fp, "n_train": len(idx)}, cfg.out / "config.json")
+    write_json({**cfg.to_dict(), "decoder": asdict(dcfg), "fingerprint": fp, "n_train": len(idx),
+                "n_validation": len(val_idx), "best_chosen_on": eval_on}, cfg.out / "config.json")
     _rewrite_metrics(cfg.out / "metrics.jsonl", history)
     log.info("decoder %s: %s parameters; %d train samples (in memory: %s), device %s (%s)",
              "+".join(layers), f"{count_parameters(model):,}", len(idx), loader.in_memory, device,
@@ -354,7 +383,7 @@ def fit(cfg: TrainConfig) -> dict:
         for epoch in range(start, cfg.epochs):
             stats = train_one_epoch(step, loader, epoch, cfg, device)
             ev = evaluate(model, eval_loader, device)
-            row = {"epoch": epoch + 1, "loss": stats["loss"], "psnr": float(np.mean(ev["psnr"])),
+            row = {"epoch": epoch + 1, "loss": stats["loss"], "psnr": float(np.mean(ev["psnr"])), "psnr_on": eval_on,
                    "ssim": float(np.mean(ev["ssim"])), "lr": sched.get_last_lr()[0],
                    "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"], "seconds": stats["seconds"],
                    "corrupt_skipped": len(loader.corrupt | eval_loader.corrupt)}
@@ -367,8 +396,13 @@ def fit(cfg: TrainConfig) -> dict:
                 atomic_save(ckpt, cfg.out / "best.pt")
             with open(cfg.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("epoch %d/%d  loss %.5f  train-subset PSNR %.2f dB  SSIM %.3f  %.1f samples/s  lr %.2e",
-                     epoch + 1, cfg.epochs, row["loss"], row["psnr"], row["ssim"], row["samples_per_s"], row["lr"])
+            log.info("epoch %d/%d  loss %.5f  %s PSNR %.2f dB  SSIM %.3f  %.1f samples/s  lr %.2e",
+                     epoch + 1, cfg.epochs, row["loss"], eval_on, row["psnr"], row["ssim"], row["samples_per_s"], row["lr"])
+            since_best = len(history) - 1 - int(np.argmax([r["psnr"] for r in history]))
+            if cfg.early_stop and since_best >= cfg.early_stop:
+                log.info("early stop: %d epochs without a better %s PSNR (best %.2f dB, epoch %d)", since_best,
+                         eval_on, best, epoch + 1 - since_best)
+                break
     except Diverged as e:
         raise FeatreconError(f"{e}; stopped, last good checkpoint kept in {cfg.out} (try a lower --lr)") from None
     finally:
@@ -379,6 +413,24 @@ def fit(cfg: TrainConfig) -> dict:
 
     plot_training(history, cfg.out / "loss.png", title=f"decoder from {'+'.join(layers)}")
     return history[-1] if history else {}
+
+
+def fit_each(cfg: TrainConfig) -> dict[str, dict]:
+    """`--layer each`: one decoder per cached layer, into cfg.out/<layer>, one after another.
+    Resumable as a whole: a finished layer is left alone, an interrupted one resumes."""
+    cfg.validate()
+    with open_cache(cfg.cache) as store:
+        layers = list(store.meta.layers)
+    results = {}
+    for i, layer in enumerate(layers):
+        one = TrainConfig(**{**asdict(cfg), "layers": (layer,), "out": cfg.out / layer, "resume": True})
+        last = one.out / "last.pt"
+        if last.exists() and load_checkpoint(last)["epoch"] >= cfg.epochs:
+            log.info("layer %d of %d, %s: already trained (%s); skipped", i + 1, len(layers), layer, last)
+            continue
+        log.info("layer %d of %d: %s", i + 1, len(layers), layer)
+        results[layer] = fit(one)
+    return results
 
 
 def _rewrite_metrics(path: Path, history: list[dict]) -> None:

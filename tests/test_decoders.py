@@ -9,9 +9,10 @@ SHAPES_224 = {"stem": (64, 112, 112), "layer1": (256, 56, 56), "layer2": (512, 2
               "layer3": (1024, 14, 14), "layer4": (2048, 7, 7)}
 
 
+@pytest.mark.parametrize("arch", ["edsr", "upconv"])
 @pytest.mark.parametrize("layer", list(SHAPES_224))
-def test_every_layer_decodes_to_an_image_in_unit_range(layer):
-    cfg = DecoderConfig((layer,), (SHAPES_224[layer],), (224, 224), width=32, base_width=4)
+def test_every_layer_decodes_to_an_image_in_unit_range(layer, arch):
+    cfg = DecoderConfig((layer,), (SHAPES_224[layer],), (224, 224), width=32, base_width=4, arch=arch)
     model = Decoder(cfg)
     stride = 224 // SHAPES_224[layer][1]
     assert cfg.n_stages == stride.bit_length() - 1  # one x2 stage per factor of two of the stride
@@ -21,13 +22,21 @@ def test_every_layer_decodes_to_an_image_in_unit_range(layer):
     assert float(y.min()) >= 0 and float(y.max()) <= 1
 
 
-def test_fused_pair_and_odd_sizes():
-    cfg = DecoderConfig(("layer2", "layer3"), ((512, 12, 12), (1024, 6, 6)), (96, 96), width=32, base_width=4)
+@pytest.mark.parametrize("arch", ["edsr", "upconv"])
+def test_fused_pair_and_odd_sizes(arch):
+    cfg = DecoderConfig(("layer2", "layer3"), ((512, 12, 12), (1024, 6, 6)), (96, 96), width=32, base_width=4, arch=arch)
     model = Decoder(cfg)
     assert cfg.in_channels == 1536 and cfg.in_size == (12, 12)
     y = model([torch.randn(1, 512, 12, 12), torch.randn(1, 1024, 6, 6)])
     assert y.shape == (1, 3, 96, 96)
     # 200 px input: layer4 is 7x7, not a power-of-two multiple; the output is still exact.
-    cfg = DecoderConfig(("layer4",), ((2048, 7, 7),), (200, 200), width=32, base_width=4)
+    cfg = DecoderConfig(("layer4",), ((2048, 7, 7),), (200, 200), width=32, base_width=4, arch=arch)
     assert Decoder(cfg)([torch.randn(1, 2048, 7, 7)]).shape == (1, 3, 200, 200)
     assert count_parameters(model) > 0
+
+
+def test_checkpoints_from_before_arch_rebuild_the_upconv_decoder():
+    old = {"layers": ["layer3"], "in_shapes": [[1024, 14, 14]], "out_size": [224, 224], "width": 32, "depth": 1,
+           "base_width": 4}  # a decoder_config as the first release saved it
+    cfg = DecoderConfig.from_dict(old)
+    assert cfg.arch == "upconv" and type(Decoder(cfg)).__name__ == "UpconvDecoder"

@@ -78,7 +78,9 @@ def test_an_abandoned_epoch_leaves_the_loader_usable(zarr_cache):
 
 def test_short_run_drives_the_loss_down_and_writes_outputs(small_cache, tmp_path):
     out = tmp_path / "run"
-    T.fit(tcfg(small_cache, out, epochs=8))
+    # The training loop is under test, with the decoder it was written for; the recipe is judged by
+    # benchmarks.quality (EDSR starts near mid-grey, so its first epoch already takes most of the drop).
+    T.fit(tcfg(small_cache, out, epochs=8, arch="upconv"))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 9))
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
@@ -191,3 +193,59 @@ def test_cpu_defaults_are_the_measured_ones():
     assert s == T.StepSettings(autocast=False, channels_last=False, compile=False, fused_adamw=False)
     s = T.step_settings(T.TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cuda"))
     assert s == T.StepSettings(autocast=True, channels_last=True, compile=True, fused_adamw=True)
+
+
+def test_layer_each_trains_every_cached_layer_and_a_rerun_resumes_the_rest(tmp_path, photo_dir, monkeypatch):
+    cache = build_cache(tmp_path / "c.zarr", photo_dir, layers="layer3,layer4", holdout_fraction=0.3)
+    runs = tmp_path / "runs"
+    real = T.fit
+    calls = []
+
+    def fails_on_layer4(cfg):
+        calls.append(cfg.layers)
+        if cfg.layers == ("layer4",) and len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second layer
+        return real(cfg)
+
+    monkeypatch.setattr(T, "fit", fails_on_layer4)
+    cfg = tcfg(cache, runs, layers=("each",), epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        T.fit_each(cfg)
+    assert (runs / "layer3" / "last.pt").is_file() and not (runs / "layer4").exists()
+    T.fit_each(cfg)  # the rerun: layer3 is done and skipped, layer4 trains
+    assert calls == [("layer3",), ("layer4",), ("layer4",)]
+    for layer in ("layer3", "layer4"):
+        assert torch.load(runs / layer / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_best_is_chosen_on_validation_images_never_trained_on_and_early_stop(small_cache, tmp_path, monkeypatch):
+    with open_cache(small_cache) as store:
+        idx = T.train_indices(store, False)
+        train, val = T.validation_split(store, idx, 0.2)
+        holdout = np.flatnonzero(store.read_all(S.SPLIT) == S.SPLIT_HOLDOUT)
+    assert len(val) >= 1 and not set(train) & set(val) and sorted([*train, *val]) == idx.tolist()
+    assert not set(val) & set(holdout.tolist())
+    loaders = []
+
+    class Recording(CacheLoader):
+        def __init__(self, path, layers, indices, *a, **k):
+            loaders.append(np.asarray(indices).tolist())
+            super().__init__(path, layers, indices, *a, **k)
+
+    psnr = iter([5.0, 6.0, 4.0, 3.0, 2.0, 1.0])
+    real_evaluate = T.evaluate
+
+    def scripted(model, loader, device, **k):
+        out = real_evaluate(model, loader, device, **k)
+        return {**out, "psnr": np.full(len(out["psnr"]), next(psnr))}
+
+    monkeypatch.setattr(T, "CacheLoader", Recording)
+    monkeypatch.setattr(T, "evaluate", scripted)
+    out = tmp_path / "run"
+    T.fit(tcfg(small_cache, out, epochs=6, val_fraction=0.2, early_stop=2))
+    assert sorted(loaders[0]) == sorted(train.tolist()) and set(loaders[1]) <= set(val.tolist())
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # best at 2, then two epochs without better: stop
+    assert {r["psnr_on"] for r in rows} == {"validation"}
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+    assert json.loads((out / "config.json").read_text())["best_chosen_on"] == "validation"
