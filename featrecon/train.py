@@ -383,6 +383,9 @@ def fit(cfg: TrainConfig) -> dict:
         for epoch in range(start, cfg.epochs):
             stats = train_one_epoch(step, loader, epoch, cfg, device)
             ev = evaluate(model, eval_loader, device)
+            if len(ev["psnr"]) == 0:  # every evaluation sample left out as corrupt
+                raise FeatreconError(f"--cache {cfg.cache}: none of the {len(eval_idx)} {eval_on} samples could be "
+                                     f"read; run featrecon verify {cfg.cache} --repair")
             row = {"epoch": epoch + 1, "loss": stats["loss"], "psnr": float(np.mean(ev["psnr"])), "psnr_on": eval_on,
                    "ssim": float(np.mean(ev["ssim"])), "lr": sched.get_last_lr()[0],
                    "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"], "seconds": stats["seconds"],

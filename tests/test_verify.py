@@ -46,8 +46,8 @@ def damage(cache: Path, layer: str, sample: int) -> None:
 def damaged(small_cache, tmp_path) -> Path:
     copy = tmp_path / small_cache.name
     (shutil.copytree if small_cache.is_dir() else shutil.copy)(small_cache, copy)
-    with open_cache(copy) as store:
-        first_train = int(np.flatnonzero(store.read_all(S.SPLIT) == S.SPLIT_TRAIN)[0])
+    with open_cache(copy) as store:  # a sample that training reads (not one kept for validation)
+        first_train = int(T.validation_split(store, T.train_indices(store, False), 0.05)[0][0])
     damage(copy, "layer3", first_train)
     return copy
 
@@ -59,7 +59,7 @@ def tcfg(cache, out, **kw) -> T.TrainConfig:
 
 def test_training_stops_on_a_damaged_sample_and_names_it(damaged, tmp_path):
     with open_cache(damaged) as store:
-        i = int(np.flatnonzero(store.read_all(S.SPLIT) == S.SPLIT_TRAIN)[0])
+        i = int(T.validation_split(store, T.train_indices(store, False), 0.05)[0][0])
         sample_id = store.ids()[i]
     with pytest.raises(FeatreconError) as e:
         T.fit(tcfg(damaged, tmp_path / "run"))
@@ -71,7 +71,7 @@ def test_training_stops_on_a_damaged_sample_and_names_it(damaged, tmp_path):
 def test_skip_corrupt_trains_without_the_damaged_sample(damaged, tmp_path):
     T.fit(tcfg(damaged, tmp_path / "run", skip_corrupt=True))
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["corrupt_skipped"] == 1 and np.isfinite(row["loss"])
+    assert row["corrupt_skipped"] == 1 and np.isfinite(row["loss"]) and np.isfinite(row["psnr"])
 
 
 def test_verify_finds_the_damage_and_repair_then_rerun_restores_every_byte(small_cache, photos24, tmp_path, capsys):
