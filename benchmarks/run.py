@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(device), "device": str(device),
              "images": len(ids), "size": args.size, "batch_size": args.batch_size, "workers": args.workers,
-             "autocast": args.autocast, "rounds": args.rounds, "compile": args.compile, "weights": args.weights}
+             "autocast": args.autocast, "rounds": args.rounds, "compile": args.compile, "weights": args.weights,
+             "cache": _describe(args.cache) if args.cache else None}
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "latest.json"
     result = json.loads(saved.read_text()) if saved.exists() and set(args.sections) != set(SECTIONS) else {}
@@ -138,11 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _provenance(run: dict) -> str:
+def _provenance(run: dict, section: str) -> str:
     m = run["machine"]
+    data = (f"{run['images']} images at {run['size']} px, weights {run['weights']}"
+            if section == "extraction" or not run.get("cache") else run["cache"])
     return (f"Command: `{run['command']}`  \nDate: {run['date']}  \nMachine: {m['cpu']}, {m['cores']} cores, GPU: "
-            f"{m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads); device `{run['device']}`, "
-            f"{run['images']} images at {run['size']} px, weights {run['weights']}.\n")
+            f"{m['gpu'] or 'none'}, torch {m['torch']} ({m['torch_threads']} threads); device `{run['device']}`; "
+            f"{data}.\n")
+
+
+def _describe(cache: Path) -> str:
+    """The cache sections 2-4 read, as the report names it."""
+    from featrecon.storage import open_cache
+
+    with open_cache(cache) as store:
+        m = store.meta
+    return (f"the cache `{cache}` ({m.n} samples at {m.preprocessing.crop} px, weights {m.weights}, "
+            f"codec {m.codec}, schema {m.schema_version})")
 
 
 def markdown(r: dict) -> str:
@@ -153,7 +166,7 @@ def markdown(r: dict) -> str:
              ("training", lambda: training.markdown(r["training"]))]
     for name, render in parts:
         if name in r:
-            lines += [*render(), "", _provenance(r[f"{name}_run"]), ""]
+            lines += [*render(), "", _provenance(r[f"{name}_run"], name), ""]
     return "\n".join(lines) + "\n"
 
 

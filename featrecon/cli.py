@@ -122,8 +122,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
     p.add_argument("--width", type=int, default=128, help="channels of the widest (coarsest) stage; halved per upsampling, down to width//8")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
-    p.add_argument("--arch", default="edsr", choices=["edsr", "upconv"], help="decoder: edsr (no normalisation, "
-                   "sub-pixel upsampling, scaled residuals) or upconv (nearest upsampling, GroupNorm, sigmoid)")
+    p.add_argument("--arch", default="upconv", choices=["upconv", "edsr"], help="decoder: upconv (nearest upsampling, "
+                   "GroupNorm, sigmoid) or edsr (no normalisation, sub-pixel upsampling, scaled residuals; "
+                   "benchmarks/QUALITY.md compares them)")
     p.add_argument("--loss", default="mse", choices=["mse", "l1", "mse+ssim"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -136,6 +137,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-threads", type=int, help="threads decoding the cache (default: all cores)")
     p.add_argument("--eval-samples", type=int, default=64, help="at most this many validation images for the "
                    "per-epoch PSNR that chooses best.pt")
+    p.add_argument("--crop", type=int, default=0, help="train on random windows of this many pixels and the "
+                   "matching feature cells (a multiple of the layer's stride; 0: whole images); scoring uses whole images")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the train split's images kept out of "
                    "training to choose best.pt (never the holdout)")
     p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without a better validation PSNR "
@@ -159,7 +162,7 @@ def _train(args: argparse.Namespace) -> None:
         weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, arch=args.arch, loss=args.loss,
         seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
         prefetch=args.prefetch, read_threads=args.read_threads,
-        eval_samples=args.eval_samples, val_fraction=args.val_fraction, early_stop=args.early_stop,
+        eval_samples=args.eval_samples, crop=args.crop, val_fraction=args.val_fraction, early_stop=args.early_stop,
         resume=args.resume, allow_partial=args.allow_partial,
         skip_corrupt=args.skip_corrupt,
         progress=not args.no_progress))

@@ -6,15 +6,15 @@ then a 3x3 convolution to RGB. Channels follow the resolution: `base_width` at f
 resolution, doubling per halving, capped at `width`, so the expensive
 full-resolution stages stay narrow. Two architectures (`arch`):
 
-- `edsr` (the default): what single-image super-resolution found to work (EDSR, Lim
+- `edsr`: what single-image super-resolution found to work (EDSR, Lim
   et al. 2017): no normalisation layers, residual blocks whose output is scaled by
   `res_scale` before the skip, learned sub-pixel upsampling (a convolution to 4x the
   channels, then PixelShuffle), a long skip over the input-resolution body, and a
   linear RGB head clamped to [0, 1] rather than a sigmoid.
-- `upconv`: the first release's decoder, after Dosovitskiy & Brox ("Inverting visual
-  representations with convolutional networks", 2016): nearest x2 upsampling and a
-  convolution per stage, GroupNorm and GELU, a sigmoid head. Kept so that its
-  checkpoints load and the ablation can compare.
+- `upconv` (the default until the ablation in benchmarks/QUALITY.md ranks them): the
+  first release's decoder, after Dosovitskiy & Brox ("Inverting visual representations
+  with convolutional networks", 2016): nearest x2 upsampling and a convolution per
+  stage, GroupNorm and GELU, a sigmoid head.
 """
 
 from __future__ import annotations
@@ -101,15 +101,22 @@ def Decoder(cfg: DecoderConfig) -> nn.Module:
 
 
 def _fuse(cfg: DecoderConfig, feats: list[torch.Tensor]) -> torch.Tensor:
-    size = cfg.in_size
+    size = max(tuple(f.shape[-2:]) for f in feats)  # the configured in_size, or a crop of it in training
     parts = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
              for f in feats]
     return torch.cat(parts, dim=1)  # (B, sum C, H, W)
 
 
-def _to_out_size(cfg: DecoderConfig, x: torch.Tensor) -> torch.Tensor:
-    if tuple(x.shape[-2:]) != cfg.out_size:  # sizes that are not a power-of-two multiple
-        x = F.interpolate(x, size=cfg.out_size, mode="bilinear", align_corners=False)
+def output_size(cfg: DecoderConfig, in_size: tuple[int, int]) -> tuple[int, int]:
+    """The image size for features of spatial size `in_size`: cfg.out_size for whole images,
+    the same scale for a crop."""
+    return (round(in_size[0] * cfg.out_size[0] / cfg.in_size[0]), round(in_size[1] * cfg.out_size[1] / cfg.in_size[1]))
+
+
+def _to_out_size(cfg: DecoderConfig, x: torch.Tensor, in_size: tuple[int, int]) -> torch.Tensor:
+    size = output_size(cfg, in_size)
+    if tuple(x.shape[-2:]) != size:  # sizes that are not a power-of-two multiple
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x
 
 
@@ -158,9 +165,10 @@ class EDSRDecoder(nn.Module):
         self.head = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        x = self.proj(_fuse(self.cfg, feats))
+        fused = _fuse(self.cfg, feats)
+        x = self.proj(fused)
         x = self.stages(x + self.body(x))  # long skip over the body
-        return (self.head(_to_out_size(self.cfg, x)) + 0.5).clamp(0, 1)
+        return (self.head(_to_out_size(self.cfg, x, tuple(fused.shape[-2:]))) + 0.5).clamp(0, 1)
 
 
 class UpconvDecoder(nn.Module):
@@ -182,8 +190,9 @@ class UpconvDecoder(nn.Module):
         self.head = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        x = self.stages(self.proj(_fuse(self.cfg, feats)))
-        return torch.sigmoid(self.head(_to_out_size(self.cfg, x)))
+        fused = _fuse(self.cfg, feats)
+        x = self.stages(self.proj(fused))
+        return torch.sigmoid(self.head(_to_out_size(self.cfg, x, tuple(fused.shape[-2:]))))
 
 
 def count_parameters(model: nn.Module) -> int:

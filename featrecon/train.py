@@ -54,7 +54,7 @@ class TrainConfig:
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine to zero
     width: int = 128  # widest decoder stage; full resolution gets width // 8
     depth: int = 1  # residual blocks per stage
-    arch: str = "edsr"  # decoder architecture: edsr (no norm, PixelShuffle, scaled residuals) or upconv (the first)
+    arch: str = "upconv"  # decoder: upconv (the first release's) or edsr (no norm, PixelShuffle, scaled residuals)
     loss: str = "mse"  # mse, l1, or mse+ssim: MSE + ssim_weight * (1 - SSIM)
     ssim_weight: float = 0.1  # weight of the SSIM term in mse+ssim
     seed: int = 0  # decoder init and data order
@@ -65,6 +65,7 @@ class TrainConfig:
     prefetch: int | None = None  # shards read ahead of the step (default: twice the read threads)
     read_threads: int | None = None  # threads decoding the cache (default: all cores)
     eval_samples: int = 64  # at most this many validation samples for the per-epoch PSNR
+    crop: int = 0  # train on random crops of this many pixels (and the matching feature cells); 0: whole images
     val_fraction: float = 0.05  # share of the train split's images kept out of training to choose best.pt
     early_stop: int = 0  # stop after this many epochs without a better validation PSNR (0: never)
     resume: bool = False  # continue from out/last.pt
@@ -86,6 +87,7 @@ class TrainConfig:
                   ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
                   ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
                   ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
+                  ("--crop", self.crop, self.crop >= 0, "must be 0 (whole images) or a size in pixels"),
                   ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 0.5, "must be in [0, 0.5)"),
                   ("--early-stop", self.early_stop, self.early_stop >= 0, "must be 0 (off) or more"),
                   ("--prefetch", self.prefetch, self.prefetch is None or self.prefetch >= 1, "must be at least 1"),
@@ -266,9 +268,34 @@ class Step:
         return loss
 
 
-def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfig, device) -> dict:
+def layer_strides(meta: S.CacheMeta, layers: tuple[str, ...]) -> list[int]:
+    """Image pixels per feature cell, per layer."""
+    return [meta.image_shape[1] // meta.layers[l][1] for l in layers]
+
+
+def check_crop(crop: int, strides: list[int], image: int) -> None:
+    if crop and (crop % max(strides) or crop > image):
+        raise FeatreconError(f"--crop {crop}: must be a multiple of {max(strides)} (the coarsest layer's stride) "
+                             f"and at most {image}, or 0 for whole images")
+
+
+def random_crop(feats: list[torch.Tensor], target: torch.Tensor, crop: int, strides: list[int],
+                rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The same random window of every sample of the batch: `crop` pixels of the target and
+    crop / stride cells of each layer, aligned to the coarsest layer's cells. The decoder is
+    convolutional: it learns on windows and reconstructs whole images."""
+    big = max(strides)
+    h, w = target.shape[-2:]
+    y = int(rng.integers(0, (h - crop) // big + 1)) * big
+    x = int(rng.integers(0, (w - crop) // big + 1)) * big
+    feats = [f[..., y // s:(y + crop) // s, x // s:(x + crop) // s] for f, s in zip(feats, strides)]
+    return feats, target[..., y:y + crop, x:x + crop]
+
+
+def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfig, device,
+                    strides: list[int] | None = None) -> dict:
     step.model.train()
-    total, n, wait = 0.0, 0, 0.0
+    total, n, wait, steps = 0.0, 0, 0.0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(loader.indices), unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress, leave=False)
@@ -280,11 +307,15 @@ def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfi
         if item is None:
             break
         _, feats, target = item
+        if cfg.crop and cfg.crop < target.shape[-1]:  # the window depends only on (seed, epoch, step)
+            rng = np.random.default_rng([cfg.seed, epoch, steps])
+            feats, target = random_crop(feats, target, cfg.crop, strides, rng)
         try:
             loss = step(feats, target)
         except Diverged as e:
             raise Diverged(f"{e} at epoch {epoch + 1}") from None
         total += loss.item() * len(target)
+        steps += 1
         n += len(target)
         bar.update(len(target))
         bar.set_postfix(loss=f"{total / n:.4f}")
@@ -339,6 +370,8 @@ def fit(cfg: TrainConfig) -> dict:
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
     layers = tuple(sorted(cfg.layers, key=list(store.meta.layers).index))
     cfg = TrainConfig(**{**asdict(cfg), "layers": layers})
+    strides = layer_strides(store.meta, layers)
+    check_crop(cfg.crop, strides, store.meta.image_shape[1])
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = DecoderConfig(layers=layers, in_shapes=tuple(tuple(store.meta.layers[l]) for l in layers),
                          out_size=store.meta.image_shape[1:], width=cfg.width, depth=cfg.depth,
@@ -381,7 +414,7 @@ def fit(cfg: TrainConfig) -> dict:
     try:
         step = Step(model, opt, sched, cfg, device, settings)
         for epoch in range(start, cfg.epochs):
-            stats = train_one_epoch(step, loader, epoch, cfg, device)
+            stats = train_one_epoch(step, loader, epoch, cfg, device, strides)
             ev = evaluate(model, eval_loader, device)
             if len(ev["psnr"]) == 0:  # every evaluation sample left out as corrupt
                 raise FeatreconError(f"--cache {cfg.cache}: none of the {len(eval_idx)} {eval_on} samples could be "
