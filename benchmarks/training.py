@@ -26,7 +26,8 @@ from featrecon.data import ImageDataset, collate_images
 from featrecon.decoders import Decoder, DecoderConfig
 from featrecon.loader import CacheLoader
 from featrecon.storage import open_cache
-from featrecon.train import Step, TrainConfig, device_batches, lr_lambda, step_settings
+from featrecon.step import Step, device_batches, step_settings
+from featrecon.train import TrainConfig, lr_lambda
 
 from .common import log, sync
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import FeatreconError, __version__
@@ -29,8 +28,10 @@ from .backbone import resolve_device
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, write_json
 from .decoders import ARCHS, Decoder, DecoderConfig, count_parameters
 from .evaluate import evaluate
-from .loader import Batch, CacheLoader
-from .metrics import ssim
+from .loader import CacheLoader
+# The step lives in `step`; its names are re-exported here, where callers of the stage look for them.
+from .step import (COMPILE_CHOICES, PRECISIONS, Diverged, Step, StepSettings, check_crop, compute_loss,  # noqa: F401
+                   device_batches, layer_strides, random_crop, step_settings, to_device)
 from .storage import CacheStore, open_cache
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ LOSSES = ("mse", "l1", "mse+ssim")
 # Settings that may change between a run and its --resume without changing the result.
 RESUMABLE_CHANGES = {"resume", "progress", "device", "prefetch", "read_threads", "in_memory", "allow_partial", "cache",
                      "compile", "skip_corrupt"}
-PRECISIONS = ("auto", "bf16", "fp32")
-COMPILE_CHOICES = ("auto", "yes", "no")
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,6 @@ class TrainConfig:
             raise FeatreconError("--layer is empty; name a cached layer such as layer3, or several: layer2,layer3")
 
 
-class Diverged(Exception):
-    pass
-
-
 def train_indices(store: CacheStore, allow_partial: bool) -> np.ndarray:
     """Done samples of the train split; refuses an unfinished cache unless allowed."""
     status, split = store.status(), store.read_all(S.SPLIT)
@@ -152,144 +147,6 @@ def lr_lambda(total_steps: int, warmup: float):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    if cfg.loss == "l1":
-        return F.l1_loss(pred, target)
-    loss = F.mse_loss(pred, target)
-    if cfg.loss == "mse+ssim":
-        loss = loss + cfg.ssim_weight * (1 - ssim(pred, target).mean())
-    return loss
-
-
-def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """fp16 features -> fp32 and uint8 images -> [0, 1] floats, on the device (the narrow
-    types cross the bus; the conversion runs where the step runs)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    feats = [f.to(device, non_blocking=True).to(torch.float32, memory_format=fmt) for f in batch.features]
-    target = batch.images.to(device, non_blocking=True).float() / 255
-    return feats, target
-
-
-def device_batches(batches, device: torch.device, channels_last: bool = False):
-    """(batch, features, target) on the device. On CUDA the next batch's copy from pinned
-    memory is issued on a side stream before the current batch is handed out, so it runs
-    while the step computes; the step's stream waits for it only when it needs it."""
-    if device.type != "cuda":
-        for b in batches:
-            yield (b, *to_device(b, device, channels_last))
-        return
-    copy = torch.cuda.Stream(device)
-
-    def issue(b: Batch):
-        copy.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(copy):
-            feats = [f.to(device, non_blocking=True) for f in b.features]
-            images = b.images.to(device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(copy)
-        return b, feats, images, done
-
-    def finish(b, feats, images, done):
-        main = torch.cuda.current_stream(device)
-        main.wait_event(done)
-        for t in (*feats, images):
-            t.record_stream(main)  # the copy stream's allocations are used on the main stream
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return b, [f.to(torch.float32, memory_format=fmt) for f in feats], images.float() / 255
-
-    ahead = None
-    for b in batches:
-        issued = issue(b)
-        if ahead is not None:
-            yield finish(*ahead)
-        ahead = issued
-    if ahead is not None:
-        yield finish(*ahead)
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """How the step runs on this device, resolved from the config."""
-
-    autocast: bool  # bf16 autocast around the decoder's forward
-    channels_last: bool  # NHWC activations and weights
-    compile: bool  # torch.compile the decoder
-    fused_adamw: bool
-
-
-def step_settings(cfg: "TrainConfig", device: torch.device) -> StepSettings:
-    """Defaults per device, measured on a 2-core CPU (layer3 decoder, batch 16, 224 px):
-    bf16 autocast ran 8x slower than fp32 there; channels-last and torch.compile were within
-    the noise of eager fp32 (4.3-4.7 samples/s). On CUDA bf16, channels-last (tensor-core
-    convolutions), fused AdamW and a compiled step are the standard fast path."""
-    cuda = device.type == "cuda"
-    autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    return StepSettings(autocast=autocast, channels_last=cuda, fused_adamw=cuda,
-                        compile=cfg.compile == "yes" or (cfg.compile == "auto" and cuda))
-
-
-class Step:
-    """One optimisation step of the decoder: forward (under autocast when asked), loss,
-    backward, AdamW, schedule. With `compile`, the decoder runs through torch.compile; if
-    compiling fails on the first step, a one-line warning and the eager decoder."""
-
-    def __init__(self, model, opt, sched, cfg: "TrainConfig", device: torch.device, settings: StepSettings):
-        self.model, self.opt, self.sched, self.cfg, self.device, self.settings = model, opt, sched, cfg, device, settings
-        self.forward = torch.compile(model) if settings.compile else model
-        self._compiled_ok = not settings.compile
-
-    def __call__(self, feats: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        if self._compiled_ok:
-            return self._run(feats, target)
-        try:
-            loss = self._run(feats, target)
-        except Diverged:
-            raise
-        except Exception as e:  # inductor raises many types; any of them means: run eagerly
-            log.warning("torch.compile of the decoder failed (%s: %s); training eagerly", type(e).__name__,
-                        (str(e).strip().splitlines() or [""])[0][:200])
-            self.forward = self.model
-            loss = self._run(feats, target)
-        self._compiled_ok = True
-        return loss
-
-    def _run(self, feats, target):
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast):
-            pred = self.forward(feats)
-        loss = compute_loss(pred.float(), target, self.cfg)
-        if not torch.isfinite(loss):
-            raise Diverged(f"loss became {loss.item()}")
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        return loss
-
-
-def layer_strides(meta: S.CacheMeta, layers: tuple[str, ...]) -> list[int]:
-    """Image pixels per feature cell, per layer."""
-    return [meta.image_shape[1] // meta.layers[l][1] for l in layers]
-
-
-def check_crop(crop: int, strides: list[int], image: int) -> None:
-    if crop and (crop % max(strides) or crop > image):
-        raise FeatreconError(f"--crop {crop}: must be a multiple of {max(strides)} (the coarsest layer's stride) "
-                             f"and at most {image}, or 0 for whole images")
-
-
-def random_crop(feats: list[torch.Tensor], target: torch.Tensor, crop: int, strides: list[int],
-                rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The same random window of every sample of the batch: `crop` pixels of the target and
-    crop / stride cells of each layer, aligned to the coarsest layer's cells. The decoder is
-    convolutional: it learns on windows and reconstructs whole images."""
-    big = max(strides)
-    h, w = target.shape[-2:]
-    y = int(rng.integers(0, (h - crop) // big + 1)) * big
-    x = int(rng.integers(0, (w - crop) // big + 1)) * big
-    feats = [f[..., y // s:(y + crop) // s, x // s:(x + crop) // s] for f, s in zip(feats, strides)]
-    return feats, target[..., y:y + crop, x:x + crop]
 
 
 def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfig, device,

@@ -144,7 +144,9 @@ def test_refusals(zarr_cache, photos24, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(zarr_cache, tmp_path, monkeypatch):
-    real = T.compute_loss
+    from featrecon import step as step_module
+
+    real = step_module.compute_loss
     calls = {"n": 0}
 
     def poisoned(pred, target, cfg):
@@ -152,7 +154,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(zarr_cache, tmp_path, mon
         loss = real(pred, target, cfg)
         return loss * float("nan") if calls["n"] > 5 else loss  # epoch 1 has 5 steps
 
-    monkeypatch.setattr(T, "compute_loss", poisoned)
+    monkeypatch.setattr(step_module, "compute_loss", poisoned)
     with pytest.raises(FeatreconError, match="loss became nan at epoch 2.*last good checkpoint"):
         T.fit(tcfg(zarr_cache, tmp_path / "r", epochs=3))
     ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
