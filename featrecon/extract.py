@@ -227,9 +227,7 @@ class ShardWriter(threading.Thread):
         self.in_flight = in_flight
         self._disk = ThreadPoolExecutor(disk_threads if store.parallel_shards else 1, thread_name_prefix="shard-write")
         self._expected = {k: self.meta.shard_bounds(k) for k in shards}
-        self._shapes = {S.IMAGES: self.meta.image_shape,
-                        **{S.feature_path(l): tuple(s) for l, s in self.meta.layers.items()}}
-        self._dtypes = {S.IMAGES: np.uint8, **{S.feature_path(l): np.dtype(self.meta.dtype) for l in self.meta.layers}}
+        self._layout = self.meta.sample_arrays()  # name -> (per-sample shape, dtype)
 
     def put(self, item) -> None:
         while True:
@@ -271,12 +269,12 @@ class ShardWriter(threading.Thread):
         if k not in self._buffers:
             start, stop = self._expected[k]
             n = stop - start
-            self._buffers[k] = {"rows": {name: [None] * n for name in self._shapes},
+            self._buffers[k] = {"rows": {name: [None] * n for name in self._layout},
                                 "status": np.zeros(n, np.uint8), "skipped": {}, "overflow": {}, "left": n}
         return self._buffers[k]
 
     def _zeros(self, name: str) -> np.ndarray:
-        return np.zeros(self._shapes[name], self._dtypes[name])  # a skipped file's row
+        return np.zeros(*self._layout[name])  # a skipped file's row
 
     def _add(self, indices: np.ndarray, arrays: dict[str, np.ndarray], reasons: list[str],
              overflow: dict[str, np.ndarray], ids: list[str], ready=None) -> None:

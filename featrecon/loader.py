@@ -104,8 +104,8 @@ class CacheLoader:
         self._readers: dict | None = None
         self._pool: ThreadPoolExecutor | None = None
         meta = self.store.meta
-        self.shapes = {n: (tuple(meta.layers[l]), np.dtype(meta.dtype)) for n, l in zip(self.names, self.layers)}
-        self.shapes[S.IMAGES] = (meta.image_shape, np.dtype(np.uint8))
+        layout = meta.sample_arrays()
+        self.shapes = {n: layout[n] for n in self.names}  # name -> (per-sample shape, dtype) of what is read
         if in_memory == "auto":
             in_memory = len(self.indices) * bytes_per_sample(meta, self.layers) < 0.3 * available_memory()
         self.in_memory = bool(in_memory)
@@ -180,8 +180,9 @@ class CacheLoader:
         """Batches from (buffers, indices); with `reuse_buffers`, each batch's buffers go back to
         the free list when the caller asks for the next one."""
         for buffers, indices in filled:
-            if self.corrupt and np.isin(indices, list(self.corrupt)).any():
-                keep = np.flatnonzero(~np.isin(indices, list(self.corrupt)))
+            bad = np.isin(indices, list(self.corrupt)) if self.corrupt else None
+            if bad is not None and bad.any():
+                keep = np.flatnonzero(~bad)
                 buffers = {n: b.index_select(0, torch.from_numpy(keep)) for n, b in buffers.items()}
                 indices = indices[keep]
                 if len(indices) == 0:

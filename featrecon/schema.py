@@ -175,6 +175,13 @@ class CacheMeta:
     def shard_bounds(self, k: int) -> tuple[int, int]:
         return k * self.shard_size, min(self.n, (k + 1) * self.shard_size)
 
+    def sample_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (per-sample shape, dtype) of every per-sample array: the images, then each layer."""
+        out = {IMAGES: (self.image_shape, np.dtype(np.uint8))}
+        for layer, shape in self.layers.items():
+            out[feature_path(layer)] = (tuple(shape), np.dtype(self.dtype))
+        return out
+
 
 def feature_fingerprint(meta: CacheMeta, layers: list[str]) -> str:
     """What a decoder depends on: the weights, the preprocessing, the compute precision

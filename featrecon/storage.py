@@ -204,14 +204,6 @@ class SliceReader(RowReader):
             out[...] = data[r]
 
 
-def _array_layout(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (per-sample shape, dtype) of every per-sample array."""
-    out = {S.IMAGES: (meta.image_shape, "uint8")}
-    for layer, shape in meta.layers.items():
-        out[S.feature_path(layer)] = (tuple(shape), meta.dtype)
-    return out
-
-
 # ----------------------------------------------------------------------------- Zarr
 
 
@@ -266,7 +258,7 @@ class ZarrCacheStore(CacheStore):
         g = zarr.open_group(str(path), mode="w")
         comp = _zarr_compressors(Codec.parse(meta.codec))
         n, s = meta.n, meta.shard_size
-        for name, (shape, dtype) in _array_layout(meta).items():
+        for name, (shape, dtype) in meta.sample_arrays().items():
             g.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *shape), shards=(s, *shape),
                            compressors=comp, fill_value=0, dimension_names=S.dimension_names(name))
         small = max(1, min(n, 1 << 16))
@@ -389,7 +381,7 @@ class H5CacheStore(CacheStore):
         # Fletcher-32 after the compressor: HDF5 checks it on every chunk it reads.
         filt = {**_h5_filter(Codec.parse(meta.codec)), "fletcher32": True}
         with h5py.File(path, "w", libver="latest") as f:
-            for name, (shape, dtype) in _array_layout(meta).items():
+            for name, (shape, dtype) in meta.sample_arrays().items():
                 f.create_dataset(name, shape=(meta.n, *shape), dtype=dtype, chunks=(1, *shape), fillvalue=0, **filt)
             f.create_dataset(S.IDS, data=S.encode_ids(ids), fletcher32=True)
             f.create_dataset(S.LABELS, data=labels.astype("int32"), fletcher32=True)

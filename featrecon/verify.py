@@ -70,8 +70,7 @@ class VerifyReport:
 
 def _check_metadata(store: CacheStore) -> list[Damage]:
     meta, found = store.meta, []
-    expected = {S.IMAGES: ((meta.n, *meta.image_shape), "uint8"),
-                **{S.feature_path(l): ((meta.n, *s), meta.dtype) for l, s in meta.layers.items()},
+    expected = {**{name: ((meta.n, *shape), dtype) for name, (shape, dtype) in meta.sample_arrays().items()},
                 S.LABELS: ((meta.n,), "int32"), S.SPLIT: ((meta.n,), "uint8"), S.STATUS: ((meta.n,), "uint8")}
     for name, (shape, dtype) in expected.items():
         try:
@@ -106,16 +105,17 @@ def verify(path: str | os.PathLike, threads: int | None = None, progress: bool =
         report = VerifyReport(Path(path), meta.checksummed)
         report.damaged += _check_metadata(store)
         _read_small(store, report.damaged)
-        names = [S.IMAGES, *(S.feature_path(l) for l in meta.layers)]
+        layout = meta.sample_arrays()
+        readers = {name: store.row_reader(name) for name in layout}  # each opened once, not once per shard
         overflow = store.attr(S.OVERFLOW_ATTR, {})
         lock = threading.Lock()
 
         def check(name: str, k: int) -> int:
             start, stop = meta.shard_bounds(k)
-            shape = (stop - start, *(meta.image_shape if name == S.IMAGES else meta.layers[name.split("/", 1)[1]]))
-            out = np.empty(shape, np.uint8 if name == S.IMAGES else meta.dtype)
+            shape, dtype = layout[name]
+            out = np.empty((stop - start, *shape), dtype)
             errors: list[CorruptChunk] = []
-            store.row_reader(name).read(k, range(stop - start), list(out), on_error=errors.append)
+            readers[name].read(k, range(stop - start), list(out), on_error=errors.append)
             found = [Damage(name, e.sample, e.why) for e in errors]
             if name != S.IMAGES and np.issubdtype(out.dtype, np.floating):
                 found += _nonfinite(name, out, start, overflow.get(str(k), {}).get(name.split("/", 1)[1], 0))
@@ -123,7 +123,7 @@ def verify(path: str | os.PathLike, threads: int | None = None, progress: bool =
                 report.damaged.extend(found)
             return stop - start
 
-        tasks = [(name, k) for name in names for k in meta.shards()]
+        tasks = [(name, k) for name in layout for k in meta.shards()]
         with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool, \
                 tqdm(total=len(tasks), unit="shard", desc=f"verify {Path(path).name}", disable=not progress) as bar:
             for n in pool.map(lambda t: check(*t), tasks):
