@@ -26,14 +26,23 @@ import torch
 from featrecon.decoders import Decoder, DecoderConfig
 from featrecon.evaluate import ScoreConfig, score
 from featrecon.storage import open_cache
-from featrecon.train import TrainConfig, fit, train_indices
+from featrecon.train import TrainConfig, fit, train_indices, validation_split
 
 log = logging.getLogger("benchmarks.quality")
 
-VARIANTS = {
-    "upconv, mse (first release)": dict(arch="upconv", loss="mse"),
-    "edsr, mse": dict(arch="edsr", loss="mse"),
-    "edsr, l1": dict(arch="edsr", loss="l1"),
+VARIANTS = {  # every variant standardises its input channels (input_norm) unless it says otherwise
+    "upconv, mse, whole images (first release)": dict(arch="upconv", loss="mse", input_norm=False),
+    "upconv, mse, crop 112": dict(arch="upconv", loss="mse", crop=112),
+    "edsr, mse, crop 112": dict(arch="edsr", loss="mse", crop=112),
+    "espcn, mse, crop 112": dict(arch="espcn", loss="mse", crop=112),
+    "espcn, l1, crop 112": dict(arch="espcn", loss="l1", crop=112),
+    "espcn, mse+ssim, crop 112": dict(arch="espcn", loss="mse+ssim", crop=112),
+    "espcn, mse, crop 112, depth 2": dict(arch="espcn", loss="mse", crop=112, depth=2),
+    "espcn, mse, crop 112, width 256": dict(arch="espcn", loss="mse", crop=112, width=256),
+    "espcn, mse, crop 112, no input norm": dict(arch="espcn", loss="mse", crop=112, input_norm=False),
+    "espcn, mse, crop 64": dict(arch="espcn", loss="mse", crop=64),
+    "espcn, mse, crop 112, batch 32": dict(arch="espcn", loss="mse", crop=112, batch_size=32),
+    "espcn, mse, crop 112, lr 4e-3": dict(arch="espcn", loss="mse", crop=112, lr=4e-3),
 }
 
 
@@ -46,8 +55,11 @@ def step_rate(cfg: TrainConfig, steps: int = 3) -> float:
     torch.manual_seed(0)
     model = Decoder(dcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    feats = [torch.randn(cfg.batch_size, *meta.layers[l]) for l in cfg.layers]
-    target = torch.rand(cfg.batch_size, *meta.image_shape)
+    size = meta.image_shape[1]
+    crop = cfg.crop if cfg.crop and cfg.crop < size else size  # the step's window, as training takes it
+    feats = [torch.randn(cfg.batch_size, meta.layers[l][0], *(2 * [crop * meta.layers[l][1] // size]))
+             for l in cfg.layers]
+    target = torch.rand(cfg.batch_size, meta.image_shape[0], crop, crop)
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()
@@ -63,8 +75,13 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
     with open_cache(cache) as store:
         n_train = len(train_indices(store, False))
     rate = step_rate(cfg)
-    # Per epoch: the train split, plus the per-epoch evaluation of eval_samples (forward only, ~1/3 of a step).
-    per_epoch = (n_train + cfg.eval_samples / 3) / rate
+    # Per epoch: the train split, plus the evaluation of the validation images: whole images, forward
+    # only (~1/3 of a step), (size / crop)^2 windows' worth each.
+    with open_cache(cache) as store:
+        size = store.meta.image_shape[1]
+        n_val = len(validation_split(store, train_indices(store, False), cfg.val_fraction)[1])
+    windows = (size / cfg.crop) ** 2 if cfg.crop else 1.0
+    per_epoch = (n_train - n_val + min(cfg.eval_samples, n_val) * windows / 3) / rate
     epochs = max(1, math.floor(minutes * 60 / per_epoch))
     cfg = replace(cfg, epochs=epochs)
     shutil.rmtree(out, ignore_errors=True)

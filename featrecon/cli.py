@@ -73,11 +73,24 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", type=Path, help="devkit mapping for the ground truth "
                    "(default: imagenet_class_mapping.txt beside it)")
     p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--views", type=_views, default=None, metavar="K|auto", help="besides the centre crop, K "
+                   "random-resized crops (half mirrored) of each image as extra training samples, seeded by the "
+                   "image id and recorded in the cache; only centre crops are scored (default auto: none from "
+                   "400 images up, below that enough to reach about 400 samples, at most 16 per image)")
     p.add_argument("--shard-size", type=int, default=32, help="samples per shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache instead of resuming it")
     p.add_argument("--stats", type=Path, help="also write this run's counts and timings to this JSON file")
     _common(p)
     return p
+
+
+def _views(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of extra views per image, or auto") from None
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -94,7 +107,7 @@ def _extract(args: argparse.Namespace) -> None:
         dtype=args.dtype, codec=args.codec, fmt=args.fmt, batch_size=args.batch_size, workers=args.workers,
         device=args.device, autocast=args.autocast, channels_last=not args.no_channels_last,
         holdout_fraction=args.holdout_fraction, labels=args.labels, class_map=args.class_map, limit=args.limit,
-        overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress, compile=args.compile))
+        views=args.views, overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress, compile=args.compile))
     if args.stats:
         write_json(result.summary(), args.stats)
 
@@ -122,10 +135,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
     p.add_argument("--width", type=int, default=128, help="channels of the widest (coarsest) stage; halved per upsampling, down to width//8")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
-    p.add_argument("--arch", default="upconv", choices=["upconv", "edsr"], help="decoder: upconv (nearest upsampling, "
-                   "GroupNorm, sigmoid) or edsr (no normalisation, sub-pixel upsampling, scaled residuals; "
-                   "benchmarks/QUALITY.md compares them)")
+    p.add_argument("--arch", default="upconv", choices=["espcn", "edsr", "upconv"], help="decoder: "
+                   "espcn (edsr's blocks down to stride 4, then one x4 sub-pixel head), edsr (no normalisation, "
+                   "sub-pixel upsampling to full resolution, scaled residuals) or upconv (nearest upsampling, "
+                   "GroupNorm, sigmoid); benchmarks/QUALITY.md compares them")
     p.add_argument("--loss", default="mse", choices=["mse", "l1", "mse+ssim"])
+    p.add_argument("--no-input-norm", action="store_true", help="feed the features unscaled (default: each channel "
+                   "standardised by the training features' mean and std, kept in the checkpoint)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU (bf16 ran 8x slower on a 2-core CPU)")
@@ -159,8 +175,8 @@ def _train(args: argparse.Namespace) -> None:
     out = args.out or (Path("runs") if each else Path("runs") / "+".join(layers))
     (fit_each if each else fit)(TrainConfig(
         cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, arch=args.arch, loss=args.loss,
-        seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
+        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, arch=args.arch,
+        input_norm=not args.no_input_norm, loss=args.loss, seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
         prefetch=args.prefetch, read_threads=args.read_threads,
         eval_samples=args.eval_samples, crop=args.crop, val_fraction=args.val_fraction, early_stop=args.early_stop,
         resume=args.resume, allow_partial=args.allow_partial,

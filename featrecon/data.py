@@ -21,6 +21,7 @@ import torch
 
 from . import FeatreconError
 from .schema import SPLIT_HOLDOUT, SPLIT_TRAIN, Preprocessing
+from .views import CENTRE, crop_view
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # Real photos that ship inside scikit-image: the default image set when no
@@ -170,40 +171,72 @@ class ImageError(Exception):
     """A source file that cannot be turned into an image (the message is the reason recorded)."""
 
 
-def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
-    """Decode, apply EXIF orientation, make RGB, resize + centre crop: (3, crop, crop) uint8."""
+def open_image(path: Path):
+    """Decode, apply EXIF orientation, make RGB: a PIL image."""
     from PIL import Image, ImageOps
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette transparency, EXIF oddities
             with Image.open(path) as im:
                 im.load()
-                im = ImageOps.exif_transpose(im).convert("RGB")  # grayscale, CMYK, palette, alpha -> RGB
+                return ImageOps.exif_transpose(im).convert("RGB")  # grayscale, CMYK, palette, alpha -> RGB
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except Exception as e:  # UnidentifiedImageError, truncated data, decompression bomb, ...
         raise ImageError(f"{type(e).__name__}: {e}") from None
+
+
+def centre_crop(im, pre: Preprocessing) -> np.ndarray:
+    """torchvision's evaluation transform of a PIL image: resize the shorter side, centre crop."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
     im = TF.resize(im, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
     im = TF.center_crop(im, [pre.crop, pre.crop])
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Index -> (index, (3, H, W) uint8 tensor, reason). A bad file gives zeros and its reason."""
+def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
+    """Decode, apply EXIF orientation, make RGB, resize + centre crop: (3, crop, crop) uint8."""
+    return centre_crop(open_image(path), pre)
 
-    def __init__(self, root: Path, ids: list[str], indices: list[int], pre: Preprocessing):
-        self.root, self.ids, self.indices, self.pre = root, ids, indices, pre
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Index -> (index, (3, H, W) uint8 tensor, reason). A bad file gives zeros and its reason.
+
+    `ids` are per sample; with `views` (see `views.plan`) a sample is view v of its id:
+    the centre crop for view 0, else its random-resized box. A source's views are
+    neighbours, and the last decoded image is kept, so each file is decoded once per batch."""
+
+    def __init__(self, root: Path, ids: list[str], indices: list[int], pre: Preprocessing, views=None):
+        self.root, self.ids, self.indices, self.pre, self.views = root, ids, indices, pre, views
+        self._last: tuple[str, object] | None = None  # (id, decoded image or ImageError)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _open(self, image_id: str):
+        if self._last is None or self._last[0] != image_id:
+            try:
+                self._last = (image_id, open_image(self.root / image_id))
+            except ImageError as e:
+                self._last = (image_id, e)
+        if isinstance(self._last[1], ImageError):
+            raise self._last[1]
+        return self._last[1]
+
+    def _sample(self, i: int) -> np.ndarray:
+        im = self._open(self.ids[i])
+        if self.views is None or self.views.view[i] == CENTRE:
+            return centre_crop(im, self.pre)
+        out = crop_view(im, self.views.box[i], bool(self.views.flip[i]), self.pre.crop)
+        return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()
+
     def __getitem__(self, k: int):
         i = self.indices[k]
         try:
-            return i, torch.from_numpy(load_image(self.root / self.ids[i], self.pre)), ""
+            return i, torch.from_numpy(self._sample(i)), ""
         except ImageError as e:
             return i, torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), str(e) or "unreadable"
 

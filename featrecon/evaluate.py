@@ -83,7 +83,7 @@ def split_indices(store: CacheStore, split: str) -> np.ndarray:
     if split not in SPLITS:
         raise FeatreconError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     status, sp = store.status(), store.read_all(S.SPLIT)
-    ok = status == S.STATUS_DONE
+    ok = (status == S.STATUS_DONE) & store.centre()  # extra views are for training only
     if split != "all":
         ok &= sp == S.SPLIT_NAMES[split]
     pending = int((status == S.STATUS_PENDING).sum())
@@ -149,9 +149,10 @@ def mean_train_image(store: CacheStore, skip_corrupt: bool = False) -> tuple[np.
     """Pixel-wise mean of the done train images, (3, H, W) float in [0, 1], and the samples
     left out as corrupt."""
     status, split = store.status(), store.read_all(S.SPLIT)
-    idx = np.flatnonzero((status == S.STATUS_DONE) & (split == S.SPLIT_TRAIN))
+    done = (status == S.STATUS_DONE) & store.centre()
+    idx = np.flatnonzero(done & (split == S.SPLIT_TRAIN))
     if len(idx) == 0:
-        idx = np.flatnonzero(status == S.STATUS_DONE)
+        idx = np.flatnonzero(done)
     loader = CacheLoader(store.path, (), idx, 64, shuffle=False, in_memory=False, reuse_buffers=True,
                          skip_corrupt=skip_corrupt)
     total, n = np.zeros(store.meta.image_shape, np.float64), 0
@@ -260,10 +261,15 @@ def _save_pairs(store: CacheStore, folder: Path, kept: dict[int, np.ndarray]) ->
         save_png(img, folder / f"reconstruction_{i}.png")
 
 
+# Below this many images a 95% interval is too wide to say anything (3 images: +-12 dB);
+# the report gives means and says so, and metrics.json keeps the per-image values.
+MIN_INTERVAL_N = 10
+
+
 def _fmt(s: dict, digits: int) -> str:
     if s["mean"] is None:
         return "-"
-    if s["ci95"] is None or not np.isfinite(s["mean"]):
+    if s["ci95"] is None or not np.isfinite(s["mean"]) or s["n"] < MIN_INTERVAL_N:
         return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
 
@@ -291,6 +297,12 @@ def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baselin
     meta = store.meta
     header = (f"# featrecon report\n\ncache `{store.path}` ({meta.weights}, {meta.preprocessing.crop} px), "
               f"split `{cfg.split}`: {len(idx)} images. Metrics on [0, 1] RGB, mean ± 95% CI half-width.\n")
+    if len(idx) < MIN_INTERVAL_N:
+        header += (f"\n**Only {len(idx)} images**: too few for a confidence interval, so the table gives means "
+                   "alone; read them as an illustration, not a measurement (per-image values in metrics.json).\n")
+    if meta.views:
+        header += (f"\nThe decoders trained on {meta.views} extra random-resized views of each training image "
+                   f"as well as its centre crop (extract-features --views); only centre crops are scored.\n")
     orig = (f"\nOriginals re-read from `{cfg.images or meta.source_root}`: {originals['equal']} of "
             f"{originals['checked']} equal to the cached target, {originals['missing']} missing, "
             f"{originals['changed']} changed, {originals['unreadable']} unreadable.\n")
@@ -305,6 +317,7 @@ def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baselin
     (cfg.out / "report.md").write_text(md)
     print("\n" + table + "\n" + orig)
     report = {"cache": str(store.path), "split": cfg.split, "n": int(len(idx)), "weights": meta.weights,
+              "views": meta.views,
               "runs": rows, "baseline": baseline, "originals": originals, "corrupt_skipped": corrupt}
     write_json(report, cfg.out / "metrics.json")
     grid_idx = [i for i in idx[: min(cfg.save, 6)].tolist() if all(i in recon[r["run"]] for r in rows)]

@@ -38,6 +38,8 @@ from .data import (SAMPLE_IMAGES, ImageDataset, assign_split, collate_images, di
                    sample_images_root)
 from .schema import CacheMeta, Codec
 from .storage import CacheStore, create_cache, format_for, open_cache
+from .views import Views, auto_views
+from .views import plan as plan_views
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class ExtractConfig:
     labels: Path | None = None  # CSV path,label or the ILSVRC2012 devkit ground truth
     class_map: Path | None = None  # devkit id -> wnid mapping for the ground truth file
     limit: int | None = None  # only the first N images (sorted ids)
+    views: int | None = 0  # extra random-resized views per image (see `views`); None: auto, by the image count (the CLI default)
     overwrite: bool = False  # replace an existing cache instead of resuming it
     shard_size: int = S.DEFAULT_SHARD_SIZE  # samples per shard / per write
     progress: bool = True  # tqdm bar
@@ -122,6 +125,7 @@ def with_device_defaults(cfg: ExtractConfig, device: torch.device) -> ExtractCon
 # Below this many images, --compile auto runs eagerly: compiling (10-25 s) saved 4-5 ms per
 # image of extraction on a 2-core CPU, so it pays for itself after some 2,000-5,000 images.
 COMPILE_AUTO_MIN = 3000
+MAX_VIEWS = 256
 
 
 def use_compile(choice: str, n_images: int) -> bool:
@@ -139,6 +143,8 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise FeatreconError("--batch-size and --shard-size must be at least 1")
     if cfg.workers is not None and cfg.workers < 0:
         raise FeatreconError(f"--workers {cfg.workers}: must be 0 (decode in the main process) or more")
+    if cfg.views is not None and not 0 <= cfg.views <= MAX_VIEWS:
+        raise FeatreconError(f"--views {cfg.views}: must be auto or 0 to {MAX_VIEWS} extra views per image")
     if cfg.limit is not None and cfg.limit < 1:
         raise FeatreconError(f"--limit {cfg.limit}: must be at least 1")
     if cfg.size is not None and cfg.size < 32:
@@ -171,9 +177,10 @@ def _check_out(out: Path) -> None:
 
 
 def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, weights_fp: str, pre,
-               root: Path, ids: list[str], label_source: str) -> CacheMeta:
+               root: Path, ids: list[str], label_source: str, views: int = 0) -> CacheMeta:
+    """`ids`: the source images; the cache holds views + 1 samples of each."""
     return CacheMeta(
-        n=len(ids), layers=extractor.layer_shapes(pre.crop), nodes=dict(extractor.layers), weights=weights,
+        n=len(ids) * (views + 1), views=views, layers=extractor.layer_shapes(pre.crop), nodes=dict(extractor.layers), weights=weights,
         weights_fingerprint=weights_fp, preprocessing=pre, dtype=cfg.dtype, codec=str(Codec.parse(cfg.codec)),
         autocast=cfg.autocast, source_root=str(root), holdout_fraction=cfg.holdout_fraction,
         ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), shard_size=cfg.shard_size,
@@ -181,7 +188,8 @@ def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, we
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> CacheStore:
+def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
+                   views: Views | None = None) -> CacheStore:
     """Resume a compatible cache at cfg.out, or create one. Never mixes settings silently."""
     out = cfg.out
     try:
@@ -202,7 +210,7 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: 
         for partial in out.rglob("*.partial") if out.is_dir() else []:
             partial.unlink()  # temp files of a write that was killed
         return store
-    return create_cache(out, meta, ids, labels, split, cfg.fmt)
+    return create_cache(out, meta, ids, labels, split, cfg.fmt, views)
 
 
 class ShardWriter(threading.Thread):
@@ -503,11 +511,11 @@ def _disk_error(e: OSError, out: Path) -> FeatreconError:
 
 
 def image_loader(root: Path, ids: list[str], indices: list[int], pre, batch_size: int, workers: int,
-                 device: torch.device) -> torch.utils.data.DataLoader:
-    """Batches (indices, uint8 images, skip reasons) of `ids[indices]`, in order, decoded by
-    `workers` processes (pinned for a GPU)."""
+                 device: torch.device, views: Views | None = None) -> torch.utils.data.DataLoader:
+    """Batches (indices, uint8 images, skip reasons) of `ids[indices]` (per-sample ids, with
+    their `views`), in order, decoded by `workers` processes (pinned for a GPU)."""
     return torch.utils.data.DataLoader(
-        ImageDataset(root, ids, indices, pre), batch_size=batch_size, shuffle=False, num_workers=workers,
+        ImageDataset(root, ids, indices, pre, views), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate_images, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None)
 
@@ -521,17 +529,22 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     _check_config(cfg)
     root, ids = _source(cfg)
     labels, label_source = labels_for(ids, cfg.labels, cfg.class_map)
-    split = assign_split(ids, cfg.holdout_fraction)
+    k = auto_views(len(ids)) if cfg.views is None else cfg.views
+    if cfg.views is None and k:
+        log.info("%d images: %d extra random-resized views of each for training (--views auto; --views 0 turns "
+                 "them off); only centre crops are scored", len(ids), k)
     device = resolve_device(cfg.device)
     cfg = with_device_defaults(cfg, device)
     model, weights = load_resnet50(cfg.weights)
     weights_fp = fingerprint(model)
     pre = preprocessing_for(weights, cfg.size)  # the recorded name: the weights' own recipe, else 256/224
     extractor = FeatureExtractor(model, resolve_layers(cfg.layers, model), pre, cfg.channels_last, cfg.autocast).to(device)
-    meta = build_meta(cfg, extractor, weights, weights_fp, pre, root, ids, label_source)
-    store = open_or_create(cfg, meta, ids, labels, split)
+    meta = build_meta(cfg, extractor, weights, weights_fp, pre, root, ids, label_source, k)
+    sample_ids, views = plan_views(ids, k, pre.resize, pre.crop)  # a source's views share its split and label
+    split = assign_split(sample_ids, cfg.holdout_fraction)
+    store = open_or_create(cfg, meta, sample_ids, np.repeat(labels, k + 1), split, views)
     try:
-        return _run(cfg, store, extractor, device, root, ids)
+        return _run(cfg, store, extractor, device, root, sample_ids, views)
     finally:
         store.close()
 
@@ -542,13 +555,13 @@ def pending_shards(store: CacheStore) -> list[int]:
 
 
 def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, device: torch.device,
-         root: Path, ids: list[str]) -> ExtractResult:
+         root: Path, ids: list[str], views: Views | None = None) -> ExtractResult:
     meta = store.meta
     shards = pending_shards(store)
     indices = [i for k in shards for i in range(*meta.shard_bounds(k))]
     if len(shards) < len(meta.shards()):
         log.info("resuming %s: %d of %d shards already written", cfg.out, len(meta.shards()) - len(shards), len(meta.shards()))
-    loader = image_loader(root, ids, indices, meta.preprocessing, cfg.batch_size, cfg.workers, device)
+    loader = image_loader(root, ids, indices, meta.preprocessing, cfg.batch_size, cfg.workers, device, views)
     batches = iter(loader)  # fork the workers before the writer thread exists
     # Compression threads: one zstd thread manages about 0.5 GB/s, and a GPU backbone asking
     # for every layer produces several GB/s. They work on whole shards handed over by the

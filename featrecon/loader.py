@@ -80,8 +80,16 @@ class CacheLoader:
     def __init__(self, path: Path, layers: tuple[str, ...], indices: np.ndarray, batch_size: int,
                  shuffle: bool = True, seed: int = 0, prefetch: int | None = None, window: int = 4,
                  in_memory: bool | str = "auto", pin_memory: bool = False, threads: int | None = None,
-                 reuse_buffers: bool = False, skip_corrupt: bool = False, fmt: str | None = None):
+                 reuse_buffers: bool = False, skip_corrupt: bool = False, fmt: str | None = None,
+                 rank: int = 0, world: int = 1):
         self.path, self.fmt = Path(path), fmt
+        # Data parallel: every rank computes the same epoch plan; each global batch of
+        # batch_size * world samples is cut into `world` parts, and this rank reads part
+        # `rank` only. The plan is cut to whole global batches, so every rank runs the same
+        # number of steps (a rank with one step more would wait for the others' gradients forever).
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of a world of {world}")
+        self.rank, self.world = rank, world
         self.layers = tuple(layers)
         self.indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -121,6 +129,8 @@ class CacheLoader:
         return self._store
 
     def __len__(self) -> int:
+        if self.world > 1:
+            return len(self.indices) // (self.batch_size * self.world)
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
     def close(self) -> None:
@@ -203,7 +213,12 @@ class CacheLoader:
             pos = np.concatenate([np.stack([np.full(len(self.blocks[b].rows), w + i), np.arange(len(self.blocks[b].rows))], 1)
                                   for i, b in enumerate(order[w: w + self.window])])
             parts.append(pos[rng.permutation(len(pos))] if self.shuffle else pos)
-        return order, np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        seq = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        if self.world > 1:  # this rank's part of each whole global batch
+            bs, g = self.batch_size, self.batch_size * self.world
+            steps = len(seq) // g
+            seq = seq[: steps * g].reshape(steps, self.world, bs, 2)[:, self.rank].reshape(-1, 2)
+        return order, seq
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch. The order depends only on (seed, epoch)."""
@@ -225,11 +240,14 @@ class CacheLoader:
         pool = self._executor()
 
         def submit(p: int) -> None:
-            block = self.blocks[order[p]]
-            by_row = dict(slots_of[p])  # row -> position in the epoch's sequence
+            block, pairs = self.blocks[order[p]], sorted(slots_of[p])  # (row, position in the sequence)
+            if not pairs:
+                futures.append(_DONE)
+                return
+            if len(pairs) < len(block.rows):  # another rank reads the others (or the plan was cut)
+                block = Block(block.k, block.start, block.rows[[r for r, _ in pairs]])
             slots: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
-            for r in range(len(block.rows)):
-                s = by_row[r]
+            for _, s in pairs:
                 b = s // bs
                 if b not in buffers:
                     buffers[b] = self._new_buffers(min(bs, n - b * bs))
@@ -281,6 +299,10 @@ class CacheLoader:
         """Cache indices of (position in the block order, row) pairs."""
         return np.array([self.blocks[order[p]].start + self.blocks[order[p]].rows[r] for p, r in part.tolist()],
                         dtype=np.int64)
+
+
+_DONE: Future = Future()
+_DONE.set_result(None)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -15,8 +15,9 @@ import numpy as np
 
 from . import FeatreconError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: ids as variable-length strings, no per-chunk checksums
+SCHEMA_VERSION = 3
+# 1: ids as variable-length strings, no per-chunk checksums; 2: no views (every sample a centre crop)
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_NAME = "featrecon-cache"
 
 # Array names (paths inside the Zarr group or HDF5 file).
@@ -26,6 +27,9 @@ IDS = "ids"  # (N, L) uint8: UTF-8 path relative to the source root, posix separ
 LABELS = "labels"  # (N,) int32: torchvision ImageNet class index, -1 if unknown
 SPLIT = "split"  # (N,) uint8: SPLIT_TRAIN or SPLIT_HOLDOUT
 STATUS = "status"  # (N,) uint8: the done mask, STATUS_* below
+VIEW = "view"  # (N,) uint16: 0 for the centre crop, 1..K for the extra views (see `views`); from schema 3
+VIEW_BOX = "view_box"  # (N, 4) float32: the view's box in fractions of the image's centred square
+VIEW_FLIP = "view_flip"  # (N,) uint8: 1 where the view is mirrored
 
 # Attribute keys on the root (Zarr: JSON values; HDF5: JSON-encoded strings).
 META_ATTR = "featrecon"  # CacheMeta.to_dict()
@@ -48,6 +52,8 @@ def dimension_names(name: str) -> tuple[str, ...]:
         return ("sample", f"{layer}_channel", f"{layer}_y", f"{layer}_x")
     if name == IDS:
         return ("sample", "id_byte")
+    if name == VIEW_BOX:
+        return ("sample", "box_edge")
     return ("sample",)
 
 
@@ -128,6 +134,7 @@ class CacheMeta:
     shard_size: int = DEFAULT_SHARD_SIZE
     backbone: str = "resnet50"
     label_source: str = "none"
+    views: int = 0  # extra views per source image (samples = images * (views + 1)); 0 before schema 3
     tool_version: str = ""
     created: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -164,7 +171,7 @@ class CacheMeta:
     def identity(self) -> dict:
         """The fields a resumed run must agree on; anything else may differ."""
         keys = ("n", "layers", "nodes", "weights_fingerprint", "dtype", "codec", "autocast",
-                "holdout_fraction", "ids_sha256", "shard_size", "schema_version")
+                "holdout_fraction", "ids_sha256", "shard_size", "schema_version", "views")
         d = {k: getattr(self, k) for k in keys}
         d["preprocessing"] = asdict(self.preprocessing)
         return json.loads(json.dumps(d))  # tuples -> lists, so stored and fresh compare equal

@@ -24,6 +24,7 @@ import numpy as np
 from . import FeatreconError
 from . import schema as S
 from .schema import CacheMeta, Codec
+from .views import CENTRE, Views, centre_box
 from .zarr_shards import CorruptChunk, ShardDecoder, ShardEncoder, report
 
 FORMATS = ("zarr", "hdf5")
@@ -158,6 +159,13 @@ class CacheStore(ABC):
     def ids(self) -> list[str]:
         return S.decode_ids(self.read_all(S.IDS))
 
+    def centre(self) -> np.ndarray:
+        """(N,) bool: the samples that are centre crops, the only ones scored or validated on
+        (all of them in a cache without views)."""
+        if not self.meta.views:
+            return np.ones(self.meta.n, bool)
+        return self.read_all(S.VIEW) == CENTRE
+
     def skipped(self) -> dict[str, str]:
         return self.attr(S.SKIPPED_ATTR, {})
 
@@ -250,7 +258,8 @@ class ZarrCacheStore(CacheStore):
         self.fast_writes = True  # False: every write through zarr's own codec pipeline
 
     @classmethod
-    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "ZarrCacheStore":
+    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
+               views: Views) -> "ZarrCacheStore":
         import zarr
 
         from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -266,9 +275,9 @@ class ZarrCacheStore(CacheStore):
         id_bytes = S.encode_ids(ids)
         g.create_array(S.IDS, shape=id_bytes.shape, dtype="uint8", chunks=(small, id_bytes.shape[1]),
                        compressors=checked, fill_value=0, dimension_names=S.dimension_names(S.IDS))[:] = id_bytes
-        for name, values, dtype in ((S.LABELS, labels, "int32"), (S.SPLIT, split, "uint8")):
-            g.create_array(name, shape=(n,), dtype=dtype, chunks=(small,), compressors=checked, fill_value=0,
-                           dimension_names=S.dimension_names(name))[:] = values
+        for name, values in _columns(labels, split, views).items():
+            g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(small, *values.shape[1:]),
+                           compressors=checked, fill_value=0, dimension_names=S.dimension_names(name))[:] = values
         # One status chunk per shard, so marking a shard done rewrites one small object.
         g.create_array(S.STATUS, shape=(n,), dtype="uint8", chunks=(s,), fill_value=S.STATUS_PENDING,
                        compressors=checked, dimension_names=S.dimension_names(S.STATUS))
@@ -375,7 +384,8 @@ class H5CacheStore(CacheStore):
         self.meta = CacheMeta.from_dict(json.loads(raw))
 
     @classmethod
-    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray) -> "H5CacheStore":
+    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
+               views: Views) -> "H5CacheStore":
         import h5py
 
         # Fletcher-32 after the compressor: HDF5 checks it on every chunk it reads.
@@ -384,8 +394,8 @@ class H5CacheStore(CacheStore):
             for name, (shape, dtype) in meta.sample_arrays().items():
                 f.create_dataset(name, shape=(meta.n, *shape), dtype=dtype, chunks=(1, *shape), fillvalue=0, **filt)
             f.create_dataset(S.IDS, data=S.encode_ids(ids), fletcher32=True)
-            f.create_dataset(S.LABELS, data=labels.astype("int32"), fletcher32=True)
-            f.create_dataset(S.SPLIT, data=split.astype("uint8"), fletcher32=True)
+            for name, values in _columns(labels, split, views).items():
+                f.create_dataset(name, data=values, fletcher32=True)
             f.create_dataset(S.STATUS, shape=(meta.n,), dtype="uint8", fillvalue=S.STATUS_PENDING, fletcher32=True,
                              chunks=(max(1, min(meta.n, meta.shard_size)),))
             f.attrs[S.SKIPPED_ATTR] = "{}"
@@ -439,11 +449,23 @@ def open_cache(path: str | os.PathLike, mode: str = "r", fmt: str | None = None)
 
 
 def create_cache(path: str | os.PathLike, meta: CacheMeta, ids: list[str], labels: np.ndarray,
-                 split: np.ndarray, fmt: str | None = None) -> CacheStore:
-    """Create a fresh cache at `path`, replacing whatever is there."""
+                 split: np.ndarray, fmt: str | None = None, views: Views | None = None) -> CacheStore:
+    """Create a fresh cache at `path`, replacing whatever is there. `views`: the per-sample
+    view records (default: every sample a centre crop)."""
     path = Path(path)
+    if views is None:
+        views = Views(np.zeros(meta.n, np.uint16), np.tile(np.float32(centre_box(meta.preprocessing.resize,
+                      meta.preprocessing.crop)), (meta.n, 1)), np.zeros(meta.n, np.uint8))
+    if len(views) != meta.n or len(ids) != meta.n:
+        raise ValueError(f"{len(ids)} ids and {len(views)} views for a cache of {meta.n} samples")
     remove_cache(path)
-    return _BACKENDS[format_for(path, fmt)].create(path, meta, ids, labels, split)
+    return _BACKENDS[format_for(path, fmt)].create(path, meta, ids, labels, split, views)
+
+
+def _columns(labels: np.ndarray, split: np.ndarray, views: Views) -> dict[str, np.ndarray]:
+    """The small per-sample arrays written once, at creation, in their stored dtypes."""
+    return {S.LABELS: labels.astype(np.int32), S.SPLIT: split.astype(np.uint8), S.VIEW: views.view.astype(np.uint16),
+            S.VIEW_BOX: views.box.astype(np.float32), S.VIEW_FLIP: views.flip.astype(np.uint8)}
 
 
 def remove_cache(path: Path) -> None:

@@ -27,6 +27,7 @@ from . import schema as S
 from .backbone import resolve_device
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, write_json
 from .decoders import ARCHS, Decoder, DecoderConfig, count_parameters
+from .distributed import Group, join, leave
 from .evaluate import evaluate
 from .loader import CacheLoader
 # The step lives in `step`; its names are re-exported here, where callers of the stage look for them.
@@ -54,6 +55,7 @@ class TrainConfig:
     width: int = 128  # widest decoder stage; full resolution gets width // 8
     depth: int = 1  # residual blocks per stage
     arch: str = "upconv"  # decoder: upconv (the first release's) or edsr (no norm, PixelShuffle, scaled residuals)
+    input_norm: bool = True  # standardise each input channel by the training features' mean and std
     loss: str = "mse"  # mse, l1, or mse+ssim: MSE + ssim_weight * (1 - SSIM)
     ssim_weight: float = 0.1  # weight of the SSIM term in mse+ssim
     seed: int = 0  # decoder init and data order
@@ -121,20 +123,42 @@ def train_indices(store: CacheStore, allow_partial: bool) -> np.ndarray:
 
 
 def validation_split(store: CacheStore, idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(trained on, validation): the train split's samples divided by a fixed rule on the
-    source id (sha1 of "validation/" + id, as the holdout rule but independent of it), so
-    the validation images are never trained on and best.pt never sees the holdout. At
+    """(trained on, validation): the train split's source images divided by a fixed rule on
+    their id (sha1 of "validation/" + id, as the holdout rule but independent of it), so
+    the validation images are never trained on and best.pt never sees the holdout. No view
+    of a validation image is trained on; validation scores their centre crops only. At
     least one validation image once there are 10 train images; none with fraction 0."""
     from .data import holdout_score
 
-    if fraction <= 0 or len(idx) < 10:
-        return idx, idx[:0]
     ids = store.ids()
-    score = np.array([holdout_score("validation/" + ids[i]) for i in idx])
-    val = score < fraction
-    if not val.any():
-        val[np.argmin(score)] = True
-    return idx[~val], idx[val]
+    sources = sorted({ids[i] for i in idx})
+    if fraction <= 0 or len(sources) < 10:
+        return idx, idx[:0]
+    score = {s: holdout_score("validation/" + s) for s in sources}
+    held = {s for s in sources if score[s] < fraction} or {min(sources, key=score.get)}
+    in_val = np.array([ids[i] in held for i in idx], bool)
+    return idx[~in_val], idx[in_val & store.centre()[idx]]
+
+
+def channel_stats(cache: Path, layers: tuple[str, ...], idx: np.ndarray, dcfg: DecoderConfig, seed: int,
+                  samples: int = 256, skip_corrupt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the fused decoder input over up to `samples` training
+    samples (a fixed choice by seed), in float64."""
+    from .decoders import _fuse
+
+    pick = np.sort(np.random.default_rng(seed).choice(idx, min(samples, len(idx)), replace=False))
+    loader = CacheLoader(cache, layers, pick, 32, shuffle=False, in_memory=False, reuse_buffers=True,
+                         skip_corrupt=skip_corrupt)
+    total = total_sq = None
+    count = 0
+    for b in loader.epoch(0):
+        x = _fuse(dcfg, [f.double() for f in b.features]).transpose(0, 1).flatten(1)  # (C, B*H*W)
+        total = x.sum(1) if total is None else total + x.sum(1)
+        total_sq = (x * x).sum(1) if total_sq is None else total_sq + (x * x).sum(1)
+        count += x.shape[1]
+    loader.close()
+    mean = total / count
+    return mean.float(), (total_sq / count - mean * mean).clamp_min(0).sqrt().float()
 
 
 def lr_lambda(total_steps: int, warmup: float):
@@ -150,12 +174,12 @@ def lr_lambda(total_steps: int, warmup: float):
 
 
 def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfig, device,
-                    strides: list[int] | None = None) -> dict:
+                    strides: list[int] | None = None, group: Group | None = None) -> dict:
     step.model.train()
     total, n, wait, steps = 0.0, 0, 0.0, 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(loader.indices), unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(total=len(loader) * loader.batch_size if loader.world > 1 else len(loader.indices), unit="sample",
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or loader.rank > 0, leave=False)
     batches = device_batches(loader.epoch(epoch), device, step.settings.channels_last)
     while True:
         tw = time.perf_counter()
@@ -178,6 +202,8 @@ def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfi
         bar.set_postfix(loss=f"{total / n:.4f}")
     bar.close()
     seconds = time.perf_counter() - t0
+    if group is not None and group.active:  # the epoch's loss and rate over every rank's samples
+        total, n = group.sum(total, n)
     return {"loss": total / n, "samples_per_s": n / seconds, "seconds": seconds, "data_wait": wait / seconds}
 
 
@@ -223,6 +249,15 @@ def fit(cfg: TrainConfig) -> dict:
     """Train (or resume) a decoder; returns the last epoch's metrics."""
     cfg.validate()
     device = resolve_device(cfg.device)  # also a check: an unknown or absent device is refused here
+    group = join(device)  # under torchrun: data parallel over the job's ranks (DDP)
+    try:
+        return _fit(cfg, group)
+    finally:
+        leave(group)
+
+
+def _fit(cfg: TrainConfig, group: Group) -> dict:
+    device = group.device
     store = open_cache(cfg.cache)
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
     layers = tuple(sorted(cfg.layers, key=list(store.meta.layers).index))
@@ -232,25 +267,36 @@ def fit(cfg: TrainConfig) -> dict:
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = DecoderConfig(layers=layers, in_shapes=tuple(tuple(store.meta.layers[l]) for l in layers),
                          out_size=store.meta.image_shape[1:], width=cfg.width, depth=cfg.depth,
-                         base_width=max(4, cfg.width // 8), arch=cfg.arch)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    resume_from = _check_run_folder(cfg, fp)
+                         base_width=max(4, cfg.width // 8), arch=cfg.arch, input_norm=cfg.input_norm)
+    resume_from = _check_run_folder(cfg, fp)  # every rank reads the same last.pt
+    group.barrier()  # ... before rank 0 writes anything
+    if group.main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
 
     settings = step_settings(cfg, device)
     torch.manual_seed(cfg.seed)
-    model = Decoder(dcfg).to(device)
+    model = Decoder(dcfg)
+    if cfg.input_norm and resume_from is None:  # on resume the statistics come with the state dict
+        model.norm.set_stats(*channel_stats(cfg.cache, layers, idx, dcfg, cfg.seed, skip_corrupt=cfg.skip_corrupt))
+    model = model.to(device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = model
+    if group.active:  # the same initial weights everywhere (DDP broadcasts rank 0's), gradients averaged
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             **({"fused": True} if settings.fused_adamw else {}))
     loader = CacheLoader(cfg.cache, layers, idx, cfg.batch_size, shuffle=True, seed=cfg.seed, prefetch=cfg.prefetch,
                          in_memory={"auto": "auto", "yes": True, "no": False}[cfg.in_memory],
                          pin_memory=device.type == "cuda", threads=cfg.read_threads, reuse_buffers=True,
-                         skip_corrupt=cfg.skip_corrupt)
+                         skip_corrupt=cfg.skip_corrupt, rank=group.rank, world=group.world)
+    if len(loader) == 0:
+        raise FeatreconError(f"--batch-size {cfg.batch_size}: {len(idx)} training samples do not fill one step of "
+                             f"{cfg.batch_size} samples on each of {group.world} ranks; lower --batch-size")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * len(loader), cfg.warmup))
     # best.pt is chosen on validation images, never trained on; with too few images to spare
     # one, on a fixed subset of the training images (and the metrics say so).
-    pick_from, eval_on = (val_idx, "validation") if len(val_idx) else (idx, "train subset")
+    pick_from, eval_on = (val_idx, "validation") if len(val_idx) else (idx[store.centre()[idx]], "train subset")
     eval_idx = np.sort(np.random.default_rng(cfg.seed).choice(pick_from, min(cfg.eval_samples, len(pick_from)),
                                                               replace=False))
     eval_loader = CacheLoader(cfg.cache, layers, eval_idx, cfg.batch_size, shuffle=False, in_memory=True,
@@ -261,34 +307,43 @@ def fit(cfg: TrainConfig) -> dict:
         opt.load_state_dict(resume_from["optimizer"])
         sched.load_state_dict(resume_from["scheduler"])
         start, best, history = resume_from["epoch"], resume_from["best_psnr"], resume_from["history"]
+        _continue_schedule(sched, opt, start * len(loader))  # the same point of the schedule, whatever the world size
         log.info("resuming %s after epoch %d of %d", cfg.out, start, cfg.epochs)
-    write_json({**cfg.to_dict(), "decoder": asdict(dcfg), "fingerprint": fp, "n_train": len(idx),
-                "n_validation": len(val_idx), "best_chosen_on": eval_on}, cfg.out / "config.json")
-    _rewrite_metrics(cfg.out / "metrics.jsonl", history)
-    log.info("decoder %s: %s parameters; %d train samples (in memory: %s), device %s (%s)",
+    if group.main:
+        write_json({**cfg.to_dict(), "decoder": asdict(dcfg), "fingerprint": fp, "n_train": len(idx),
+                    "n_validation": len(val_idx), "best_chosen_on": eval_on, "world_size": group.world},
+                   cfg.out / "config.json")
+        _rewrite_metrics(cfg.out / "metrics.jsonl", history)
+    log.info("decoder %s: %s parameters; %d train samples (in memory: %s), device %s (%s)%s",
              "+".join(layers), f"{count_parameters(model):,}", len(idx), loader.in_memory, device,
-             ", ".join(k for k, v in asdict(settings).items() if v) or "fp32, eager")
+             ", ".join(k for k, v in asdict(settings).items() if v) or "fp32, eager",
+             f"; rank {group.rank} of {group.world}, {cfg.batch_size} samples per rank and step" if group.active else "")
     try:
-        step = Step(model, opt, sched, cfg, device, settings)
+        step = Step(net, opt, sched, cfg, device, settings)
         for epoch in range(start, cfg.epochs):
-            stats = train_one_epoch(step, loader, epoch, cfg, device, strides)
-            ev = evaluate(model, eval_loader, device)
-            if len(ev["psnr"]) == 0:  # every evaluation sample left out as corrupt
+            stats = train_one_epoch(step, loader, epoch, cfg, device, strides, group)
+            scores = None
+            if group.main:  # rank 0 validates; every rank takes its numbers, so all stop at the same epoch
+                ev = evaluate(model, eval_loader, device)
+                scores = (float(np.mean(ev["psnr"])), float(np.mean(ev["ssim"]))) if len(ev["psnr"]) else None
+            scores = group.broadcast(scores)
+            if scores is None:  # every evaluation sample left out as corrupt
                 raise FeatreconError(f"--cache {cfg.cache}: none of the {len(eval_idx)} {eval_on} samples could be "
                                      f"read; run featrecon verify {cfg.cache} --repair")
-            row = {"epoch": epoch + 1, "loss": stats["loss"], "psnr": float(np.mean(ev["psnr"])), "psnr_on": eval_on,
-                   "ssim": float(np.mean(ev["ssim"])), "lr": sched.get_last_lr()[0],
+            row = {"epoch": epoch + 1, "loss": stats["loss"], "psnr": scores[0], "psnr_on": eval_on,
+                   "ssim": scores[1], "lr": sched.get_last_lr()[0],
                    "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"], "seconds": stats["seconds"],
                    "corrupt_skipped": len(loader.corrupt | eval_loader.corrupt)}
             history.append(row)
             improved = row["psnr"] > best
             best = max(best, row["psnr"])
-            ckpt = _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch + 1, best, history)
-            atomic_save(ckpt, cfg.out / "last.pt")
-            if improved:
-                atomic_save(ckpt, cfg.out / "best.pt")
-            with open(cfg.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if group.main:  # the ranks hold the same weights; one writes them
+                ckpt = _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch + 1, best, history)
+                atomic_save(ckpt, cfg.out / "last.pt")
+                if improved:
+                    atomic_save(ckpt, cfg.out / "best.pt")
+                with open(cfg.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
             log.info("epoch %d/%d  loss %.5f  %s PSNR %.2f dB  SSIM %.3f  %.1f samples/s  lr %.2e",
                      epoch + 1, cfg.epochs, row["loss"], eval_on, row["psnr"], row["ssim"], row["samples_per_s"], row["lr"])
             since_best = len(history) - 1 - int(np.argmax([r["psnr"] for r in history]))
@@ -302,10 +357,39 @@ def fit(cfg: TrainConfig) -> dict:
         loader.close()
         eval_loader.close()
         store.close()
-    from .figures import plot_training
+    check_in_step(model, group)
+    if group.main:
+        from .figures import plot_training
 
-    plot_training(history, cfg.out / "loss.png", title=f"decoder from {'+'.join(layers)}")
+        plot_training(history, cfg.out / "loss.png", title=f"decoder from {'+'.join(layers)}")
+    group.barrier()  # no rank leaves before the checkpoint is written
     return history[-1] if history else {}
+
+
+def check_in_step(model: torch.nn.Module, group: Group) -> None:
+    """Data-parallel ranks must end with the same weights; a difference would mean a rank
+    trained on something else, and its checkpoint would not be the run's. Compared by a
+    digest of every parameter's bytes."""
+    if not group.active:
+        return
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digests = group.all_gather(h.hexdigest())
+    if len(set(digests)) != 1:
+        raise FeatreconError(f"the {group.world} ranks ended with different weights ({', '.join(d[:8] for d in digests)})")
+    log.info("weights identical on all %d ranks (sha256 %s)", group.world, digests[0][:16])
+
+
+def _continue_schedule(sched, opt, steps_done: int) -> None:
+    """Put the schedule at `steps_done` steps: a resume with another world size has another
+    number of steps per epoch, and the schedule follows the epochs."""
+    sched.last_epoch = steps_done
+    for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(steps_done)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def fit_each(cfg: TrainConfig) -> dict[str, dict]:

@@ -243,7 +243,9 @@ def test_best_is_chosen_on_validation_images_never_trained_on_and_early_stop(sma
     monkeypatch.setattr(T, "evaluate", scripted)
     out = tmp_path / "run"
     T.fit(tcfg(small_cache, out, epochs=6, val_fraction=0.2, early_stop=2))
-    assert sorted(loaders[0]) == sorted(train.tolist()) and set(loaders[1]) <= set(val.tolist())
+    stats, trained, validated = loaders[:3]  # input statistics, training, validation
+    assert set(stats) <= set(train.tolist()) and sorted(trained) == sorted(train.tolist())
+    assert set(validated) <= set(val.tolist())
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # best at 2, then two epochs without better: stop
     assert {r["psnr_on"] for r in rows} == {"validation"}
@@ -264,3 +266,47 @@ def test_crop_training_takes_matching_windows_and_scores_whole_images(zarr_cache
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["psnr"] > 0  # scored on whole images
     with pytest.raises(FeatreconError, match="--crop 24: must be a multiple of 16"):
         T.fit(tcfg(zarr_cache, tmp_path / "bad", layers=("layer3",), crop=24))
+
+
+def test_input_channels_are_standardised_by_the_training_features_statistics(zarr_cache, tmp_path):
+    from featrecon.checkpoint import decoder_from_checkpoint, load_checkpoint
+
+    T.fit(T.TrainConfig(cache=zarr_cache, layers=("layer3",), out=tmp_path / "r", epochs=1, width=16, arch="espcn",
+                        progress=False))
+    model = decoder_from_checkpoint(load_checkpoint(tmp_path / "r" / "last.pt"))
+    with open_cache(zarr_cache) as store:  # fewer than 256 trained samples: the statistics are over all of them
+        idx, _ = T.validation_split(store, T.train_indices(store, False), 0.05)
+        x = np.stack([store.read("features/layer3", i, i + 1)[0] for i in idx]).astype(np.float64)
+    mean, std = x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
+    np.testing.assert_allclose(model.norm.mean.flatten().numpy(), mean, rtol=1e-4, atol=1e-5)
+    floor = 1e-6 + 0.01 * std.mean()  # channels that never fire are not divided by zero
+    np.testing.assert_allclose(model.norm.std.flatten().numpy(), np.maximum(std, floor), rtol=1e-4, atol=1e-5)
+    feats = torch.from_numpy(x[:2]).float()
+    assert model.norm(feats).mean().abs() < 0.5  # the decoder sees standardised inputs
+    T.fit(T.TrainConfig(cache=zarr_cache, layers=("layer3",), out=tmp_path / "raw", epochs=1, width=16, arch="espcn",
+                        progress=False, input_norm=False))
+    raw = decoder_from_checkpoint(load_checkpoint(tmp_path / "raw" / "last.pt"))
+    assert isinstance(raw.norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cache, in_memory):
+    with open_cache(zarr_cache) as store:
+        idx = T.train_indices(store, False)
+    whole = CacheLoader(zarr_cache, ("layer2",), idx, 6, seed=3, in_memory=in_memory)
+    ranks = [CacheLoader(zarr_cache, ("layer2",), idx, 3, seed=3, in_memory=in_memory, rank=r, world=2)
+             for r in range(2)]
+    for epoch in (0, 1):
+        ref = list(whole.epoch(epoch))[: len(idx) // 6]  # whole global batches only
+        per_rank = [list(l.epoch(epoch)) for l in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0]) == len(ref)
+        for step, b in enumerate(ref):  # rank r holds part r of the single process's batch, features and all
+            for r in range(2):
+                part = per_rank[r][step]
+                assert np.array_equal(part.indices, b.indices[3 * r: 3 * r + 3])
+                assert torch.equal(part.features[0], b.features[0][3 * r: 3 * r + 3])
+                assert torch.equal(part.images, b.images[3 * r: 3 * r + 3])
+    for l in (whole, *ranks):
+        l.close()
+    with pytest.raises(ValueError):
+        CacheLoader(zarr_cache, ("layer2",), idx, 3, rank=2, world=2)

@@ -1,0 +1,93 @@
+"""Several processes under torchrun (gloo on this CPU, 127.0.0.1 only, bounded by timeouts):
+data-parallel training equals one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featrecon import train as T
+from featrecon.storage import open_cache
+
+LAUNCH_TIMEOUT = 300  # seconds for one torchrun job; a hang fails the test instead of blocking CI
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(nproc: int, args, env: dict | None = None) -> tuple[list[str], dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "featrecon", *args]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "FEATRECON_DIST_TIMEOUT": "60",
+                 **(env or {})}
+
+
+def torchrun(nproc: int, *args: str, cwd: Path, timeout: float = LAUNCH_TIMEOUT, env: dict | None = None):
+    """`torchrun --nproc-per-node=N -m featrecon ARGS` on 127.0.0.1; the completed process."""
+    cmd, run_env = _command(nproc, args, env)
+    return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_background(nproc: int, *args: str, cwd: Path) -> subprocess.Popen:
+    cmd, env = _command(nproc, args)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_ddp_training_equals_one_process_with_the_same_global_batch(zarr_cache, tmp_path):
+    with open_cache(zarr_cache) as store:
+        train, _ = T.validation_split(store, T.train_indices(store, False), 0.05)
+    per_rank = max(b for b in (1, 2, 3, 4) if len(train) % (2 * b) == 0)  # whole global batches: same steps
+    common = ["--cache", str(zarr_cache), "--layer", "layer2", "--arch", "espcn", "--width", "16", "--epochs", "2",
+              "--crop", "32", "--no-progress", "--device", "cpu"]
+    done = torchrun(2, "train-decoder", *common, "--batch-size", str(per_rank), "--out", "ddp", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in done.stderr
+    T.fit(T.TrainConfig(cache=zarr_cache, layers=("layer2",), out=tmp_path / "one", epochs=2, batch_size=2 * per_rank,
+                        arch="espcn", width=16, crop=32, progress=False, device="cpu"))
+    ddp, one = _state(tmp_path / "ddp" / "last.pt"), _state(tmp_path / "one" / "last.pt")
+    assert ddp.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=2e-5, msg=k)
+    steps = [int(l.split('"epoch": ')[1].split(",")[0]) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # rank 0 alone wrote the metrics, once per epoch
+
+
+def test_a_killed_ddp_run_resumes_in_one_process_at_the_same_point_of_the_schedule(zarr_cache, tmp_path):
+    common = ["--cache", str(zarr_cache), "--layer", "layer1", "--arch", "espcn", "--width", "16", "--epochs", "30",
+              "--batch-size", "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run")]
+    job = torchrun_background(2, "train-decoder", *common, cwd=tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.2)
+    finally:
+        job.send_signal(signal.SIGTERM)  # as a scheduler stops a job: torchrun stops both ranks, mid-run
+        job.communicate(timeout=60)
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert 1 <= first["epoch"] < 30
+    from featrecon.cli import train_main
+
+    assert train_main([*common, "--resume"]) == 0
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["epoch"] == 30 and last["history"][: first["epoch"]] == first["history"]
+    assert last["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ran to its end
+    assert np.isfinite(last["history"][-1]["psnr"])
