@@ -79,7 +79,8 @@ def extract_parser() -> argparse.ArgumentParser:
                    "400 images up, below that enough to reach about 400 samples, at most 16 per image)")
     p.add_argument("--shard-size", type=int, default=32, help="samples per shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache instead of resuming it")
-    p.add_argument("--stats", type=Path, help="also write this run's counts and timings to this JSON file")
+    p.add_argument("--stats", type=Path, help="also write this run's counts and timings to this JSON file (under "
+                   "torchrun: a list of one record per rank, with its shards and images)")
     _common(p)
     return p
 
@@ -108,7 +109,9 @@ def _extract(args: argparse.Namespace) -> None:
         device=args.device, autocast=args.autocast, channels_last=not args.no_channels_last,
         holdout_fraction=args.holdout_fraction, labels=args.labels, class_map=args.class_map, limit=args.limit,
         views=args.views, overwrite=args.overwrite, shard_size=args.shard_size, progress=not args.no_progress, compile=args.compile))
-    if args.stats:
+    if args.stats and len(result.ranks) > 1:  # under torchrun: one record per rank, written by rank 0
+        write_json(result.ranks, args.stats)
+    elif args.stats and result.stats.get("rank", 0) == 0:
         write_json(result.summary(), args.stats)
 
 

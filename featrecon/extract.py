@@ -34,6 +34,7 @@ from . import FeatreconError, __version__
 from . import schema as S
 from .backbone import (FeatureExtractor, check_weights, fingerprint, load_resnet50, preprocessing_for, resolve_device,
                        resolve_layers)
+from .distributed import Group, join, leave
 from .data import (SAMPLE_IMAGES, ImageDataset, assign_split, collate_images, discover_images, labels_for,
                    sample_images_root)
 from .schema import CacheMeta, Codec
@@ -81,7 +82,7 @@ class ExtractResult:
     seconds: float  # wall time of the decode/forward/write loop in this call
     weights: str = ""
     stats: dict = field(default_factory=dict)
-
+    ranks: list[dict] = field(default_factory=list)  # under torchrun, on rank 0: every rank's summary
     @property
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
@@ -533,7 +534,20 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.views is None and k:
         log.info("%d images: %d extra random-resized views of each for training (--views auto; --views 0 turns "
                  "them off); only centre crops are scored", len(ids), k)
-    device = resolve_device(cfg.device)
+    group = join(resolve_device(cfg.device))  # under torchrun: this process's rank and GPU
+    try:
+        return _extract(cfg, group, root, ids, labels, label_source, k)
+    finally:
+        leave(group)
+
+
+def _extract(cfg: ExtractConfig, group: Group, root: Path, ids: list[str], labels: np.ndarray,
+             label_source: str, k: int) -> ExtractResult:
+    """One process's part of `extract`: all of it, or under torchrun every world-th pending shard."""
+    device = group.device
+    if group.active and format_for(cfg.out, cfg.fmt) != "zarr":
+        raise FeatreconError(f"--out {cfg.out}: several processes write only Zarr caches (HDF5's parallel "
+                             "writing needs MPI); give --out a .zarr path, or run one process")
     cfg = with_device_defaults(cfg, device)
     model, weights = load_resnet50(cfg.weights)
     weights_fp = fingerprint(model)
@@ -542,9 +556,34 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     meta = build_meta(cfg, extractor, weights, weights_fp, pre, root, ids, label_source, k)
     sample_ids, views = plan_views(ids, k, pre.resize, pre.crop)  # a source's views share its split and label
     split = assign_split(sample_ids, cfg.holdout_fraction)
-    store = open_or_create(cfg, meta, sample_ids, np.repeat(labels, k + 1), split, views)
+    # Rank 0 alone creates (or checks and resumes) the store and lists the shards still to do;
+    # the others open it after that, and take every world-th shard of the same list.
+    problem, shards = None, None
+    if group.main:
+        try:
+            store = open_or_create(cfg, meta, sample_ids, np.repeat(labels, k + 1), split, views)
+            shards = pending_shards(store)
+        except FeatreconError as e:
+            problem = str(e)
+    problem, shards = group.broadcast((problem, shards))
+    if problem is not None:
+        raise FeatreconError(problem if group.main else f"rank 0 stopped: {problem}")
+    if not group.main:
+        store = open_cache(cfg.out, "r+", cfg.fmt)
     try:
-        return _run(cfg, store, extractor, device, root, sample_ids, views)
+        if group.main and len(shards) < len(meta.shards()):
+            log.info("resuming %s: %d of %d shards already written", cfg.out, len(meta.shards()) - len(shards),
+                     len(meta.shards()))
+        result = _run(cfg, store, extractor, device, root, sample_ids, views, shards[group.rank::group.world], group)
+        if group.active:
+            log.info("rank %d: %d images in %.1f s", group.rank, result.processed, result.seconds)
+        ranks = group.gather(result.summary())  # every rank's shards are written ...
+        if group.main:  # ... before one process gathers their records
+            store.merge_records()
+            result = _finish(result, store)
+            result.ranks = ranks
+        group.barrier()
+        return result
     finally:
         store.close()
 
@@ -555,12 +594,12 @@ def pending_shards(store: CacheStore) -> list[int]:
 
 
 def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, device: torch.device,
-         root: Path, ids: list[str], views: Views | None = None) -> ExtractResult:
+         root: Path, ids: list[str], views: Views | None, shards: list[int], group: Group) -> ExtractResult:
+    """Write `shards` (this process's share of the pending ones)."""
     meta = store.meta
-    shards = pending_shards(store)
     indices = [i for k in shards for i in range(*meta.shard_bounds(k))]
-    if len(shards) < len(meta.shards()):
-        log.info("resuming %s: %d of %d shards already written", cfg.out, len(meta.shards()) - len(shards), len(meta.shards()))
+    if group.active:
+        log.info("rank %d of %d: %d shards (%d samples)", group.rank, group.world, len(shards), len(indices))
     loader = image_loader(root, ids, indices, meta.preprocessing, cfg.batch_size, cfg.workers, device, views)
     batches = iter(loader)  # fork the workers before the writer thread exists
     # Compression threads: one zstd thread manages about 0.5 GB/s, and a GPU backbone asking
@@ -613,14 +652,21 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
         store.pool = None
         pool.shutdown()
     seconds = time.perf_counter() - t0
-    status = store.status()
-    result = ExtractResult(
-        path=cfg.out, n=meta.n, done=int((status == S.STATUS_DONE).sum()), skipped=store.skipped(),
-        overflow=store.overflow_totals(), processed=len(indices), seconds=seconds, weights=meta.weights,
-        stats={"forward_seconds": forward_s, "loader_wait_seconds": wait_s, "write_seconds": writer.write_seconds,
+    return ExtractResult(
+        path=cfg.out, n=meta.n, done=0, skipped={}, overflow={}, processed=len(indices), seconds=seconds,
+        weights=meta.weights,
+        stats={"rank": group.rank, "world_size": group.world, "shards": list(shards),
+               "forward_seconds": forward_s, "loader_wait_seconds": wait_s, "write_seconds": writer.write_seconds,
                "final_write_seconds": tail, "shards_written": writer.written,
                "compile_seconds": compiled.compile_seconds if compiled is not None else 0.0,
                "first_batch_images": warm.get("images", 0), "first_batch_seconds": warm.get("seconds", 0.0)})
+
+
+def _finish(result: ExtractResult, store: CacheStore) -> ExtractResult:
+    """The whole cache's counts (after the records are merged), reported."""
+    status = store.status()
+    result = dataclasses.replace(result, done=int((status == S.STATUS_DONE).sum()), skipped=store.skipped(),
+                                 overflow=store.overflow_totals())
     _report(result)
     return result
 

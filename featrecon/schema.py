@@ -27,6 +27,7 @@ IDS = "ids"  # (N, L) uint8: UTF-8 path relative to the source root, posix separ
 LABELS = "labels"  # (N,) int32: torchvision ImageNet class index, -1 if unknown
 SPLIT = "split"  # (N,) uint8: SPLIT_TRAIN or SPLIT_HOLDOUT
 STATUS = "status"  # (N,) uint8: the done mask, STATUS_* below
+RECORDS = "records"  # group of per-shard groups records/<k>: that shard's skipped files and overflow (Zarr)
 VIEW = "view"  # (N,) uint16: 0 for the centre crop, 1..K for the extra views (see `views`); from schema 3
 VIEW_BOX = "view_box"  # (N, 4) float32: the view's box in fractions of the image's centred square
 VIEW_FLIP = "view_flip"  # (N,) uint8: 1 where the view is mirrored

@@ -122,6 +122,10 @@ class CacheStore(ABC):
                 self._set_attrs(updates)
         self._write_status(shard.start, shard.stop, status)
 
+    def merge_records(self) -> None:
+        """Gather per-shard records into the root attributes (a backend whose shards update
+        the attributes directly, HDF5, has none)."""
+
     def _start_arrays(self, k: int, arrays: dict) -> dict:
         return arrays  # a backend that compresses on its own (HDF5) has nothing to start
 
@@ -167,11 +171,16 @@ class CacheStore(ABC):
         return self.read_all(S.VIEW) == CENTRE
 
     def skipped(self) -> dict[str, str]:
-        return self.attr(S.SKIPPED_ATTR, {})
+        """{id: reason} of the files that could not be read."""
+        return self._bookkeeping()[0]
+
+    def _bookkeeping(self) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+        """(skipped files, {shard: {layer: float16 overflow count}})."""
+        return self.attr(S.SKIPPED_ATTR, {}), self.attr(S.OVERFLOW_ATTR, {})
 
     def overflow_totals(self) -> dict[str, int]:
         totals: dict[str, int] = {}
-        for per_layer in self.attr(S.OVERFLOW_ATTR, {}).values():
+        for per_layer in self._bookkeeping()[1].values():
             for layer, n in per_layer.items():
                 totals[layer] = totals.get(layer, 0) + int(n)
         return totals
@@ -343,6 +352,38 @@ class ZarrCacheStore(CacheStore):
 
     def _write_status(self, start, stop, status):
         self._writable(S.STATUS)[0][start:stop] = status
+
+    # Several processes may write one Zarr cache (torchrun): no object may be read, changed
+    # and written back by two of them. So a shard's bookkeeping (skipped files, float16
+    # overflow) goes into a record of its own, the group records/<k>, written before its
+    # status; `merge_records`, run by one process at the end of every extraction, gathers
+    # them into the root attributes. A run killed before its merge loses nothing: the next
+    # run's merge reads every record.
+    def finish_shard(self, shard, status, skipped, overflow):
+        self._write_arrays(shard.start, shard.stop, shard.arrays)
+        if skipped or overflow:
+            attrs = {S.SKIPPED_ATTR: skipped, S.OVERFLOW_ATTR: overflow}
+            self.group.create_group(f"{S.RECORDS}/{shard.k}", attributes=attrs, overwrite=True)
+        self._write_status(shard.start, shard.stop, status)
+
+    def merge_records(self) -> None:
+        skipped, overflow = self._bookkeeping()
+        self._set_attrs({S.SKIPPED_ATTR: skipped, S.OVERFLOW_ATTR: overflow})
+
+    def _bookkeeping(self):
+        """From the per-shard records, which are always current (the root attributes are their
+        summary as of the last finished run); from the root attributes in a schema-2 cache."""
+        if self.meta.schema_version < 3:
+            return super()._bookkeeping()
+        skipped, overflow = {}, {}
+        if S.RECORDS in self.group:
+            records = self.group[S.RECORDS]
+            for name in sorted(records.group_keys(), key=int):
+                attrs = records[name].attrs
+                skipped.update(attrs.get(S.SKIPPED_ATTR, {}))
+                if attrs.get(S.OVERFLOW_ATTR):
+                    overflow[name] = attrs[S.OVERFLOW_ATTR]
+        return skipped, overflow
 
 
 # ----------------------------------------------------------------------------- HDF5

@@ -3,6 +3,7 @@ data-parallel training equals one process with the same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -91,3 +92,91 @@ def test_a_killed_ddp_run_resumes_in_one_process_at_the_same_point_of_the_schedu
     assert last["epoch"] == 30 and last["history"][: first["epoch"]] == first["history"]
     assert last["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ran to its end
     assert np.isfinite(last["history"][-1]["psnr"])
+
+
+# ----------------------------------------------------------------------------- extraction
+
+EXTRACT = ["--weights", "random:0", "--layers", "all", "--shard-size", "4", "--batch-size", "1", "--workers", "0",
+           "--views", "0", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def thirty_one(tmp_path_factory) -> Path:
+    """30 real photos and one unreadable file: 8 shards of 4, the last one short, one record."""
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path_factory.mktemp("x31"), copies=5)
+    (root / "zz_broken.jpg").write_text("not an image\n")
+    return root
+
+
+def one_process_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m featrecon ARGS` with one thread, as each torchrun rank has here: oneDNN's
+    float32 sums depend on how a convolution is split between threads, so byte equality
+    holds between runs with the same threads per process."""
+    cmd, env = _command(1, args)
+    return subprocess.run([sys.executable, "-m", "featrecon", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def one_process(thirty_one, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "c.zarr"
+    done = one_process_run("extract-features", "--images", str(thirty_one), "--out", str(out), *EXTRACT, cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Every array, record and status chunk byte for byte; the root attributes but the creation time."""
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    different = [name for name in fa if name != "zarr.json" and fa[name] != fb[name]]
+    assert not different, different[:10]
+    ra, rb = (json.loads(f["zarr.json"])["attributes"] for f in (fa, fb))
+    for r in (ra, rb):
+        r["featrecon"].pop("created")
+    assert ra == rb
+    assert ra["skipped"] and list(ra["skipped"]) == ["zz_broken.jpg"]
+
+
+def test_torchrun_extraction_writes_one_cache_equal_to_one_process(thirty_one, one_process, tmp_path):
+    done = torchrun(2, "extract-features", "--images", str(thirty_one), "--out", "c.zarr", "--stats", "stats.json",
+                    *EXTRACT, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_cache(tmp_path / "c.zarr", one_process)
+    ranks = json.loads((tmp_path / "stats.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert sorted(ranks[0]["shards"] + ranks[1]["shards"]) == list(range(8))  # each shard written by one rank
+    assert ranks[0]["processed"] + ranks[1]["processed"] == 31 and min(r["processed"] for r in ranks) >= 12
+
+
+def test_a_killed_torchrun_extraction_rerun_with_another_world_size_gives_the_same_bytes(thirty_one, one_process,
+                                                                                          tmp_path):
+    args = ["extract-features", "--images", str(thirty_one), "--out", str(tmp_path / "c.zarr"), *EXTRACT]
+    job = torchrun_background(2, *args, cwd=tmp_path)
+    status = tmp_path / "c.zarr" / "status" / "c"
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (status.is_dir() and any(status.iterdir())):  # a first shard is done
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.02)
+    finally:
+        job.send_signal(signal.SIGTERM)
+        job.communicate(timeout=60)
+    with open_cache(tmp_path / "c.zarr") as store:
+        left = int((store.status() == 0).sum())
+    assert left > 0, "the job finished before it was stopped"
+    done = one_process_run(*args, cwd=tmp_path)  # one process finishes what two began
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_cache(tmp_path / "c.zarr", one_process)
+
+
+def test_several_processes_refuse_an_hdf5_cache(thirty_one, tmp_path):
+    done = torchrun(2, "extract-features", "--images", str(thirty_one), "--out", "c.h5", *EXTRACT, cwd=tmp_path)
+    assert done.returncode != 0 and "several processes write only Zarr caches" in done.stderr
