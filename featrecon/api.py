@@ -37,7 +37,9 @@ class Cache:
     """A feature cache, read-only. Arrays come back as numpy, samples in the order asked for."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        from .remote import location
+
+        self.path = location(path)
         self._store: CacheStore = _open_store(self.path)
         self.meta: S.CacheMeta = self._store.meta
 
@@ -157,8 +159,10 @@ _PATHS = ("out", "images", "labels", "class_map", "cache", "runs")
 
 
 def _paths(settings: dict) -> dict:
-    """Path-like settings as Paths, whatever the caller passed (str, PathLike)."""
-    return {k: Path(v) if k in _PATHS and v is not None else v for k, v in settings.items()}
+    """Path-like settings as Paths (URLs of object stores stay strings), whatever the caller passed."""
+    from .remote import location
+
+    return {k: location(v) if k in _PATHS and v is not None else v for k, v in settings.items()}
 
 
 def extract_features(out: str | os.PathLike = "cache.zarr", **settings):

@@ -21,8 +21,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _location(text: str):
+    from .remote import location
+
+    return location(text)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="a setting of the object store "
+                   "behind a URL (fsspec), e.g. endpoint_url=http://127.0.0.1:9000 or anon=true; repeatable. "
+                   "Credentials also come from the usual environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -30,9 +39,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _run(prog: str, fn, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from . import FeatreconError
+    from . import FeatreconError, remote
 
     try:
+        remote.set_options(remote.parse_options(getattr(args, "storage_option", None)))
         status = fn(args)
     except FeatreconError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -53,7 +63,8 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="folder of images, searched recursively "
                    "(default: the sample photos bundled with scikit-image)")
     p.add_argument("--layers", default="all", help="all, or a comma list of stem, layer1..layer4 or torchvision node names")
-    p.add_argument("--out", type=Path, default=Path("cache.zarr"), help="cache to write: a .zarr folder or a .h5 file")
+    p.add_argument("--out", type=_location, default=Path("cache.zarr"), help="cache to write: a .zarr folder, a .h5 "
+                   "file, or a Zarr URL (s3://bucket/path/cache.zarr; see --storage-option)")
     p.add_argument("--format", dest="fmt", choices=["zarr", "hdf5"], help="default: from the --out suffix (.h5 -> hdf5)")
     p.add_argument("--weights", default="auto", help="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, a state-dict path, "
                    "random[:SEED], or auto (IMAGENET1K_V2; random:0 with a warning when it cannot be downloaded)")
@@ -126,7 +137,7 @@ def train_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train-decoder", description=(
         "Train a decoder that reconstructs the image from one or several cached layers. "
         "Reads only the cache: the backbone never runs and no image file is decoded."))
-    p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
+    p.add_argument("--cache", type=_location, default=Path("cache.zarr"), help="a cache folder, .h5 file or Zarr URL")
     p.add_argument("--layer", required=True, help="a cached layer, a comma list to fuse (layer2,layer3), or each: "
                    "one decoder per cached layer, one after another (rerun to resume)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<layer>; with --layer each, the folder "
@@ -179,8 +190,8 @@ def _train(args: argparse.Namespace) -> None:
     (fit_each if each else fit)(TrainConfig(
         cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, arch=args.arch,
-        input_norm=not args.no_input_norm, loss=args.loss, seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, in_memory=args.in_memory,
-        prefetch=args.prefetch, read_threads=args.read_threads,
+        input_norm=not args.no_input_norm, loss=args.loss, seed=args.seed, device=args.device,
+        precision=args.precision, compile=args.compile, in_memory=args.in_memory, prefetch=args.prefetch, read_threads=args.read_threads,
         eval_samples=args.eval_samples, crop=args.crop, val_fraction=args.val_fraction, early_stop=args.early_stop,
         resume=args.resume, allow_partial=args.allow_partial,
         skip_corrupt=args.skip_corrupt,
@@ -198,13 +209,14 @@ def score_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="score", description=(
         "Score every decoder on a split of the cache: MSE, PSNR and SSIM on [0,1] RGB images, "
         "side-by-side PNGs and a grid across depths."))
-    p.add_argument("--cache", type=Path, default=Path("cache.zarr"))
+    p.add_argument("--cache", type=_location, default=Path("cache.zarr"), help="a cache folder, .h5 file or Zarr URL")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder searched for run checkpoints")
     p.add_argument("--checkpoint", type=Path, action="append", help="score these checkpoints instead (repeatable)")
     p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of each run folder")
     p.add_argument("--split", default="holdout", help="holdout, train or all")
     p.add_argument("--out", type=Path, default=Path("report"))
-    p.add_argument("--images", type=Path, help="source folder of the originals (default: the one recorded in the cache)")
+    p.add_argument("--images", type=_location, help="source folder or URL prefix of the originals (default: the one "
+                   "recorded in the cache)")
     p.add_argument("--save", type=int, default=8, help="images saved as original_X.png / reconstruction_X.png per run")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-corrupt", action="store_true", help="leave out samples whose stored chunks fail their "
@@ -233,7 +245,7 @@ def verify_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="featrecon verify", description=(
         "Read every stored chunk of a cache, check its checksum, the features' finiteness and the "
         "metadata; exit 1 if anything is damaged."))
-    p.add_argument("cache", type=Path)
+    p.add_argument("cache", type=_location)
     p.add_argument("--repair", action="store_true", help="mark the shards of damaged samples pending, so that "
                    "rerunning the original extract-features command re-extracts just those")
     p.add_argument("--threads", type=int, help="reading threads (default: all cores)")

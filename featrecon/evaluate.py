@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import FeatreconError
+from . import FeatreconError, remote
 from . import schema as S
 from .backbone import resolve_device
 from .checkpoint import decoder_from_checkpoint, load_checkpoint, write_json
@@ -116,8 +116,11 @@ def find_checkpoints(cfg: ScoreConfig) -> list[tuple[str, Path]]:
     return found
 
 
-def check_originals(store: CacheStore, idx: np.ndarray, root: Path, progress: bool) -> dict:
-    """Re-read each source file, re-apply the recorded preprocessing, compare with the cached target."""
+def check_originals(store: CacheStore, idx: np.ndarray, root: Path | str, progress: bool) -> dict:
+    """Re-read each source file (under a local folder or a URL prefix), re-apply the recorded
+    preprocessing, compare with the cached target."""
+    import io
+
     from .data import ImageError, load_image
 
     ids = store.ids()
@@ -125,8 +128,12 @@ def check_originals(store: CacheStore, idx: np.ndarray, root: Path, progress: bo
     problems = {}
     for i in tqdm(idx.tolist(), desc="originals", unit="img", disable=not progress, leave=False):
         counts["checked"] += 1
-        path = root / ids[i]
-        if not path.is_file():
+        if remote.is_url(root):
+            raw = remote.read_bytes(remote.join(root, ids[i]))
+            path = io.BytesIO(raw) if raw is not None else None
+        else:
+            path = root / ids[i] if (root / ids[i]).is_file() else None
+        if path is None:
             counts["missing"] += 1
             problems[ids[i]] = "missing"
             continue
@@ -188,7 +195,7 @@ def check_score_config(cfg: ScoreConfig) -> None:
         raise FeatreconError(f"--save {cfg.save}: must be 0 or more")
     if cfg.batch_size < 1:
         raise FeatreconError(f"--batch-size {cfg.batch_size}: must be at least 1")
-    if cfg.images is not None and not Path(cfg.images).is_dir():
+    if cfg.images is not None and not remote.is_url(cfg.images) and not Path(cfg.images).is_dir():
         raise FeatreconError(f"--images {cfg.images}: folder not found; point it at the originals' folder")
     resolve_device(cfg.device)
 
@@ -220,7 +227,8 @@ def score(cfg: ScoreConfig) -> dict:
         scored = idx[~np.isin(idx, list(corrupt))]
         baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0,
                     "n": len(base["mse"]), **{k: summarize(v) for k, v in base.items()}}
-        originals = check_originals(store, scored, cfg.images.resolve() if cfg.images else Path(store.meta.source_root),
+        root = cfg.images if remote.is_url(cfg.images) else (Path(cfg.images).resolve() if cfg.images else None)
+        originals = check_originals(store, scored, root or Path(store.meta.source_root),
                                     cfg.progress)
         report = _write_report(cfg, store, rows, baseline, originals, scored, recon, sorted(corrupt))
     finally:

@@ -30,7 +30,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from . import FeatreconError, __version__
+from . import FeatreconError, __version__, remote
 from . import schema as S
 from .backbone import (FeatureExtractor, check_weights, fingerprint, load_resnet50, preprocessing_for, resolve_device,
                        resolve_layers)
@@ -168,8 +168,11 @@ def _check_config(cfg: ExtractConfig) -> None:
         resolve_layers(cfg.layers, torchvision.models.resnet50())
 
 
-def _check_out(out: Path) -> None:
-    """--out must be creatable: its nearest existing ancestor a writable folder."""
+def _check_out(out: Path | str) -> None:
+    """--out must be creatable: its nearest existing ancestor a writable folder (a URL is
+    checked when the store is opened)."""
+    if remote.is_url(out):
+        return
     parent = Path(out).expanduser().absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -193,13 +196,17 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: 
                    views: Views | None = None) -> CacheStore:
     """Resume a compatible cache at cfg.out, or create one. Never mixes settings silently."""
     out = cfg.out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FeatreconError(f"--out {out}: cannot create its folder ({e.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise FeatreconError(f"--out {out}: folder {out.parent} is not writable; choose another --out")
-    if out.exists() and not cfg.overwrite:
+    if remote.is_url(out):
+        exists = remote.exists(remote.join(out, "zarr.json"))
+    else:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FeatreconError(f"--out {out}: cannot create its folder ({e.strerror})") from None
+        if not os.access(out.parent, os.W_OK):
+            raise FeatreconError(f"--out {out}: folder {out.parent} is not writable; choose another --out")
+        exists = out.exists()
+    if exists and not cfg.overwrite:
         store = open_cache(out, "r+", cfg.fmt)
         old, new = store.meta.identity(), meta.identity()
         diffs = [k for k in new if old.get(k) != new[k]]
@@ -208,7 +215,7 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: 
             raise FeatreconError(
                 f"--out {out} holds a cache made with other settings ({', '.join(diffs)} differ); "
                 "pass --overwrite to replace it, or choose another --out")
-        for partial in out.rglob("*.partial") if out.is_dir() else []:
+        for partial in out.rglob("*.partial") if not remote.is_url(out) and out.is_dir() else []:
             partial.unlink()  # temp files of a write that was killed
         return store
     return create_cache(out, meta, ids, labels, split, cfg.fmt, views)
@@ -622,7 +629,7 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
     writer.start()
     t0, forward_s, wait_s = time.perf_counter(), 0.0, 0.0
     warm = {}  # the first batch: worker start-up and one-off kernel set-up, as in any benchmark's warm-up
-    bar = tqdm(total=len(indices), unit="img", desc=f"extract {cfg.out.name}", disable=not cfg.progress, smoothing=0.1)
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract {remote.name(cfg.out)}", disable=not cfg.progress, smoothing=0.1)
     try:
         tw = time.perf_counter()
         for idx, images, reasons in batches:

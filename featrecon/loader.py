@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import FeatreconError
+from . import FeatreconError, remote
 from . import schema as S
 from .storage import CacheStore, open_cache
 from .zarr_shards import CorruptChunk
@@ -61,6 +61,9 @@ def bytes_per_sample(meta: S.CacheMeta, layers: tuple[str, ...]) -> int:
     return feats + int(np.prod(meta.image_shape))
 
 
+REMOTE_THREADS = 32  # shard reads in flight on an object store
+
+
 def default_threads() -> int:
     return os.cpu_count() or 1
 
@@ -82,7 +85,7 @@ class CacheLoader:
                  in_memory: bool | str = "auto", pin_memory: bool = False, threads: int | None = None,
                  reuse_buffers: bool = False, skip_corrupt: bool = False, fmt: str | None = None,
                  rank: int = 0, world: int = 1):
-        self.path, self.fmt = Path(path), fmt
+        self.path, self.fmt = (path if remote.is_url(path) else Path(path)), fmt
         # Data parallel: every rank computes the same epoch plan; each global batch of
         # batch_size * world samples is cut into `world` parts, and this rank reads part
         # `rank` only. The plan is cut to whole global batches, so every rank runs the same
@@ -93,7 +96,8 @@ class CacheLoader:
         self.layers = tuple(layers)
         self.indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.threads = max(1, threads or default_threads())
+        # An object store answers each read after a round trip: many reads in flight hide it.
+        self.threads = max(1, threads or (REMOTE_THREADS if remote.is_url(path) else default_threads()))
         self.prefetch = max(1, prefetch or 2 * self.threads)  # shards read ahead of the consumer
         self.window, self.pin_memory = max(1, window), pin_memory
         # Recycle a batch's buffers once the next batch is asked for: fresh buffers of tens of MB

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import FeatreconError
+from . import FeatreconError, remote
 from . import schema as S
 from .schema import CacheMeta, Codec
 from .views import CENTRE, Views, centre_box
@@ -37,7 +37,11 @@ def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
         if fmt not in FORMATS:
             raise FeatreconError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
         return fmt
-    return "hdf5" if Path(path).suffix.lower() in _H5_SUFFIXES else "zarr"
+    fmt = "hdf5" if Path(str(path)).suffix.lower() in _H5_SUFFIXES else "zarr"
+    if fmt == "hdf5" and remote.is_url(path):
+        raise FeatreconError(f"{path}: HDF5 caches are local files (h5py cannot write or read an object store); "
+                             "use a .zarr URL, or a local .h5 path")
+    return fmt
 
 
 @dataclass
@@ -247,6 +251,15 @@ def _stacked(rows) -> np.ndarray:
     return rows if isinstance(rows, np.ndarray) else np.stack(rows)
 
 
+def _open_group(path, mode: str):
+    """The Zarr group at a local path, or at a URL through zarr's FsspecStore."""
+    import zarr
+
+    if remote.is_url(path):
+        return zarr.open_group(path, mode=mode, storage_options=remote.options())
+    return zarr.open_group(str(path), mode=mode)
+
+
 class ZarrCacheStore(CacheStore):
     parallel_shards = True  # every shard and its status chunk are files of their own
 
@@ -255,7 +268,7 @@ class ZarrCacheStore(CacheStore):
 
         self.path = path
         try:
-            self.group = zarr.open_group(str(path), mode=mode)
+            self.group = _open_group(path, mode)
         except (FileNotFoundError, zarr.errors.BaseZarrError):
             raise FeatreconError(f"{path}: no Zarr cache here; run extract-features first") from None
         meta = self.group.attrs.get(S.META_ATTR)
@@ -273,7 +286,7 @@ class ZarrCacheStore(CacheStore):
 
         from zarr.codecs import Crc32cCodec, ZstdCodec
 
-        g = zarr.open_group(str(path), mode="w")
+        g = _open_group(path, "w")
         comp = _zarr_compressors(Codec.parse(meta.codec))
         n, s = meta.n, meta.shard_size
         for name, (shape, dtype) in meta.sample_arrays().items():
@@ -313,6 +326,16 @@ class ZarrCacheStore(CacheStore):
     def row_reader(self, name):
         # Local shard files of featrecon's layout: decoded straight into the caller's buffers
         # (see zarr_shards: the codec's own speed); anything else through zarr-python.
+        if remote.is_url(self.path):  # each shard fetched whole, as one object, through fsspec
+            fs, root = remote.filesystem(self.path)
+
+            def fetch(key: str):
+                try:
+                    return fs.cat_file(f"{root}/{name}/{key}")
+                except FileNotFoundError:
+                    return None
+
+            return ShardDecoder.with_fetch(fetch, name) or SliceReader(self, name)
         return ShardDecoder.open(self.path / name, name) or SliceReader(self, name)
 
     def attr(self, key, default=None):
@@ -480,7 +503,11 @@ _BACKENDS: dict[str, type[CacheStore]] = {"zarr": ZarrCacheStore, "hdf5": H5Cach
 
 
 def open_cache(path: str | os.PathLike, mode: str = "r", fmt: str | None = None) -> CacheStore:
-    """Open an existing cache for reading ("r") or resuming ("r+")."""
+    """Open an existing cache for reading ("r") or resuming ("r+"); `path` may be a URL (see `remote`)."""
+    if remote.is_url(path):
+        if not remote.exists(remote.join(path, "zarr.json")):
+            raise FeatreconError(f"{path}: no cache here; run extract-features --out {path} first")
+        return _BACKENDS[format_for(path, fmt)](path, mode)
     path = Path(path)
     if not path.exists():
         raise FeatreconError(f"{path}: no cache here; run extract-features --out {path} first")
@@ -493,7 +520,7 @@ def create_cache(path: str | os.PathLike, meta: CacheMeta, ids: list[str], label
                  split: np.ndarray, fmt: str | None = None, views: Views | None = None) -> CacheStore:
     """Create a fresh cache at `path`, replacing whatever is there. `views`: the per-sample
     view records (default: every sample a centre crop)."""
-    path = Path(path)
+    path = path if remote.is_url(path) else Path(path)
     if views is None:
         views = Views(np.zeros(meta.n, np.uint16), np.tile(np.float32(centre_box(meta.preprocessing.resize,
                       meta.preprocessing.crop)), (meta.n, 1)), np.zeros(meta.n, np.uint8))
@@ -509,8 +536,10 @@ def _columns(labels: np.ndarray, split: np.ndarray, views: Views) -> dict[str, n
             S.VIEW_BOX: views.box.astype(np.float32), S.VIEW_FLIP: views.flip.astype(np.uint8)}
 
 
-def remove_cache(path: Path) -> None:
-    if path.is_dir():
+def remove_cache(path: Path | str) -> None:
+    if remote.is_url(path):
+        remote.remove(path)
+    elif path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import remote
 from . import schema as S
 from .storage import CacheStore, open_cache
 from .zarr_shards import CorruptChunk
@@ -102,7 +103,7 @@ def verify(path: str | os.PathLike, threads: int | None = None, progress: bool =
     store = open_cache(path, "r+" if repair else "r")
     try:
         meta = store.meta
-        report = VerifyReport(Path(path), meta.checksummed)
+        report = VerifyReport(path if remote.is_url(path) else Path(path), meta.checksummed)
         report.damaged += _check_metadata(store)
         _read_small(store, report.damaged)
         layout = meta.sample_arrays()
@@ -125,7 +126,7 @@ def verify(path: str | os.PathLike, threads: int | None = None, progress: bool =
 
         tasks = [(name, k) for name in layout for k in meta.shards()]
         with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool, \
-                tqdm(total=len(tasks), unit="shard", desc=f"verify {Path(path).name}", disable=not progress) as bar:
+                tqdm(total=len(tasks), unit="shard", desc=f"verify {remote.name(path)}", disable=not progress) as bar:
             for n in pool.map(lambda t: check(*t), tasks):
                 report.chunks += n
                 bar.update(1)

@@ -204,22 +204,37 @@ def _compress_all(compress, rows) -> list:
 
 
 class ShardDecoder:
-    """Reads whole shard files of one array from a local folder and decodes the samples
-    asked for straight into the caller's buffers (one decompression, no other copy)."""
+    """Reads whole shards of one array (a file, or one object of an object store) and decodes
+    the samples asked for straight into the caller's buffers (one decompression, no other
+    copy). `fetch(key)` gives the bytes of the object `key` under the array (None: absent)."""
 
-    def __init__(self, folder: Path, name: str, layout: ShardLayout):
-        self.folder, self.name, self.layout = Path(folder), name, layout
+    def __init__(self, fetch: Callable[[str], "np.ndarray | bytes | None"], name: str, layout: ShardLayout):
+        self.fetch, self.name, self.layout = fetch, name, layout
         self._decompress: Callable | None = layout.compressor.decode if layout.compressor is not None else None
 
     @classmethod
     def open(cls, folder: Path, name: str) -> "ShardDecoder | None":
-        """The decoder of the array at folder/zarr.json, or None if its layout is not featrecon's."""
+        """The decoder of the local array at folder/zarr.json, or None if its layout is not featrecon's."""
+        folder = Path(folder)
+
+        def fetch(key: str):
+            try:
+                return np.fromfile(folder / key, dtype=np.uint8)
+            except FileNotFoundError:
+                return None
+
+        return cls.with_fetch(fetch, name)
+
+    @classmethod
+    def with_fetch(cls, fetch: Callable[[str], "np.ndarray | bytes | None"], name: str) -> "ShardDecoder | None":
+        """The decoder of the array whose objects `fetch` reads (zarr.json included), or None."""
         try:
-            meta = json.loads((Path(folder) / "zarr.json").read_text())
+            raw = fetch("zarr.json")
+            meta = json.loads(bytes(raw)) if raw is not None else None
         except (OSError, ValueError):
             return None
-        layout = ShardLayout.of(meta)
-        return cls(folder, name, layout) if layout is not None else None
+        layout = ShardLayout.of(meta) if meta is not None else None
+        return cls(fetch, name, layout) if layout is not None else None
 
     def shard_index(self, data: np.ndarray, k: int) -> np.ndarray:
         """(per_shard, 2) offsets and sizes from a shard's bytes, its crc32c checked."""
@@ -235,13 +250,13 @@ class ShardDecoder:
         """Decode rows `rows` of shard k into `outs` (C-contiguous, one sample each). A damaged
         sample raises CorruptChunk (its global index), or with `on_error` is handed to it,
         zero-filled, and the rest are read."""
-        path = self.folder / shard_key(k, len(self.layout.shape))
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except FileNotFoundError:  # never written: every sample is the fill value
+        data = self.fetch(shard_key(k, len(self.layout.shape)))
+        if data is None:  # never written: every sample is the fill value
             for out in outs:
                 out[...] = 0
             return
+        if not isinstance(data, np.ndarray):
+            data = np.frombuffer(data, dtype=np.uint8)
         base = k * self.layout.per_shard
         try:
             index = self.shard_index(data, k)
