@@ -282,7 +282,6 @@ class ZarrCacheStore(CacheStore):
     @classmethod
     def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
                views: Views) -> "ZarrCacheStore":
-        import zarr
 
         from zarr.codecs import Crc32cCodec, ZstdCodec
 
