@@ -26,23 +26,20 @@ import torch
 from featrecon.decoders import Decoder, DecoderConfig
 from featrecon.evaluate import ScoreConfig, score
 from featrecon.storage import open_cache
-from featrecon.train import TrainConfig, fit, train_indices, validation_split
+from featrecon.train import TrainConfig, auto_crop, fit, layer_strides, train_indices, validation_split
 
 log = logging.getLogger("benchmarks.quality")
 
 VARIANTS = {  # every variant standardises its input channels (input_norm) unless it says otherwise
-    "upconv, mse, whole images (first release)": dict(arch="upconv", loss="mse", input_norm=False),
-    "upconv, mse, crop 112": dict(arch="upconv", loss="mse", crop=112),
-    "edsr, mse, crop 112": dict(arch="edsr", loss="mse", crop=112),
-    "espcn, mse, crop 112": dict(arch="espcn", loss="mse", crop=112),
-    "espcn, l1, crop 112": dict(arch="espcn", loss="l1", crop=112),
-    "espcn, mse+ssim, crop 112": dict(arch="espcn", loss="mse+ssim", crop=112),
-    "espcn, mse, crop 112, depth 2": dict(arch="espcn", loss="mse", crop=112, depth=2),
-    "espcn, mse, crop 112, width 256": dict(arch="espcn", loss="mse", crop=112, width=256),
-    "espcn, mse, crop 112, no input norm": dict(arch="espcn", loss="mse", crop=112, input_norm=False),
-    "espcn, mse, crop 64": dict(arch="espcn", loss="mse", crop=64),
-    "espcn, mse, crop 112, batch 32": dict(arch="espcn", loss="mse", crop=112, batch_size=32),
-    "espcn, mse, crop 112, lr 4e-3": dict(arch="espcn", loss="mse", crop=112, lr=4e-3),
+    "espcn, mse, crop 112 (the defaults)": dict(),
+    "upconv, mse, crop 112": dict(arch="upconv", crop=112),
+    "edsr, mse, crop 112": dict(arch="edsr", crop=112),
+    "espcn, l1": dict(loss="l1"),
+    "espcn, mse+ssim": dict(loss="mse+ssim"),
+    "espcn, whole images": dict(crop=0),
+    "espcn, depth 2": dict(depth=2),
+    "espcn, width 256": dict(width=256),
+    "first release: upconv, whole images, raw inputs": dict(arch="upconv", crop=0, input_norm=False),
 }
 
 
@@ -54,7 +51,7 @@ def step_rate(cfg: TrainConfig, steps: int = 3) -> float:
                          width=cfg.width, depth=cfg.depth, base_width=max(4, cfg.width // 8), arch=cfg.arch)
     torch.manual_seed(0)
     model = Decoder(dcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 5e-4)
     size = meta.image_shape[1]
     crop = cfg.crop if cfg.crop and cfg.crop < size else size  # the step's window, as training takes it
     feats = [torch.randn(cfg.batch_size, meta.layers[l][0], *(2 * [crop * meta.layers[l][1] // size]))
@@ -74,6 +71,8 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
     cfg = TrainConfig(cache=cache, layers=(layer,), out=out, progress=False, **settings)
     with open_cache(cache) as store:
         n_train = len(train_indices(store, False))
+        if cfg.crop is None:  # as fit resolves it
+            cfg = replace(cfg, crop=auto_crop(layer_strides(store.meta, (layer,)), store.meta.image_shape[1]))
     rate = step_rate(cfg)
     # Per epoch: the train split, plus the evaluation of the validation images: whole images, forward
     # only (~1/3 of a step), (size / crop)^2 windows' worth each.

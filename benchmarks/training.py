@@ -45,7 +45,7 @@ def _train_setup(cache: Path, device, batch: int, steps: int):
         model = Decoder(dcfg).to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, **({"fused": True} if settings.fused_adamw else {}))
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 5e-4, **({"fused": True} if settings.fused_adamw else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10 * steps, cfg.warmup))
         return Step(model, opt, sched, cfg, device, settings)
 

@@ -96,13 +96,16 @@ def extract_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _views(text: str) -> int | None:
+def _auto_int(text: str) -> int | None:
     if text == "auto":
         return None
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of extra views per image, or auto") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, or auto") from None
+
+
+_views = _auto_int
 
 
 def _extract(args: argparse.Namespace) -> None:
@@ -144,12 +147,12 @@ def train_parser() -> argparse.ArgumentParser:
                    "that gets one run per layer, default runs)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 for espcn and edsr, 2e-3 for upconv)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
     p.add_argument("--width", type=int, default=128, help="channels of the widest (coarsest) stage; halved per upsampling, down to width//8")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
-    p.add_argument("--arch", default="upconv", choices=["espcn", "edsr", "upconv"], help="decoder: "
+    p.add_argument("--arch", default="espcn", choices=["espcn", "edsr", "upconv"], help="decoder: "
                    "espcn (edsr's blocks down to stride 4, then one x4 sub-pixel head), edsr (no normalisation, "
                    "sub-pixel upsampling to full resolution, scaled residuals) or upconv (nearest upsampling, "
                    "GroupNorm, sigmoid); benchmarks/QUALITY.md compares them")
@@ -167,8 +170,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-threads", type=int, help="threads decoding the cache (default: all cores)")
     p.add_argument("--eval-samples", type=int, default=64, help="at most this many validation images for the "
                    "per-epoch PSNR that chooses best.pt")
-    p.add_argument("--crop", type=int, default=0, help="train on random windows of this many pixels and the "
-                   "matching feature cells (a multiple of the layer's stride; 0: whole images); scoring uses whole images")
+    p.add_argument("--crop", type=_auto_int, default=None, metavar="N|auto", help="train on random windows of this "
+                   "many pixels and the matching feature cells (a multiple of the coarsest layer's stride; 0: whole "
+                   "images; auto: about 112 px, whole images when that is not smaller); scoring uses whole images")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the train split's images kept out of "
                    "training to choose best.pt (never the holdout)")
     p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without a better validation PSNR "

@@ -146,12 +146,19 @@ def _to_out_size(cfg: DecoderConfig, x: torch.Tensor, in_size: tuple[int, int]) 
     return x
 
 
-class ScaledResBlock(nn.Module):
-    """conv-ReLU-conv, scaled, added to the input; no normalisation (EDSR)."""
+def _in_range(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """A linear head's image: clamped to [0, 1] for use, left as is in training. A clamp in
+    training passes no gradient where the output lies outside [0, 1]; a decoder that starts
+    (or drifts) there can stay stuck at the mean image (an espcn run on layer3 did)."""
+    return x if training else x.clamp(0, 1)
 
-    def __init__(self, ch: int, scale: float):
+
+class ScaledResBlock(nn.Module):
+    """conv-activation-conv, scaled, added to the input; no normalisation (EDSR)."""
+
+    def __init__(self, ch: int, scale: float, act=nn.ReLU):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, 3, padding=1))
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), act(), nn.Conv2d(ch, ch, 3, padding=1))
         self.scale = scale
 
     def forward(self, x):
@@ -162,10 +169,10 @@ class ShuffleUp(nn.Module):
     """x2 sub-pixel upsampling: a 3x3 convolution to 4 * cout channels, PixelShuffle, ReLU,
     then `depth` scaled residual blocks at the new resolution."""
 
-    def __init__(self, cin: int, cout: int, depth: int, scale: float):
+    def __init__(self, cin: int, cout: int, depth: int, scale: float, act=nn.ReLU):
         super().__init__()
-        self.up = nn.Sequential(nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(*[ScaledResBlock(cout, scale) for _ in range(depth)])
+        self.up = nn.Sequential(nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), act())
+        self.blocks = nn.Sequential(*[ScaledResBlock(cout, scale, act) for _ in range(depth)])
 
     def forward(self, x):
         return self.blocks(self.up(x))
@@ -195,7 +202,14 @@ class EDSRDecoder(nn.Module):
         fused = self.norm(_fuse(self.cfg, feats))
         x = self.proj(fused)
         x = self.stages(x + self.body(x))  # long skip over the body
-        return (self.head(_to_out_size(self.cfg, x, tuple(fused.shape[-2:]))) + 0.5).clamp(0, 1)
+        return _in_range(self.head(_to_out_size(self.cfg, x, tuple(fused.shape[-2:]))) + 0.5, self.training)
+
+
+def _leaky() -> nn.Module:
+    """LeakyReLU(0.2), as DeePSiM used: a unit never goes silent for good. With ReLU, espcn on
+    a random network's layer3 could lose all its units in the first steps and stay at the
+    mean image (one run in two at lr 2e-3)."""
+    return nn.LeakyReLU(0.2)
 
 
 class ESPCNDecoder(nn.Module):
@@ -214,25 +228,28 @@ class ESPCNDecoder(nn.Module):
         self.norm = _input(cfg)
         stride = round(cfg.out_size[0] / cfg.in_size[0])
         ch = cfg.channels_at(stride)
+        act = _leaky
         self.proj = nn.Conv2d(cfg.in_channels, ch, 1)
-        self.body = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale) for _ in range(2 * cfg.depth)],
+        self.body = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale, act) for _ in range(2 * cfg.depth)],
                                   nn.Conv2d(ch, ch, 3, padding=1))
         stages = []
         while stride > self.HEAD:
             stride //= 2
-            stages.append(ShuffleUp(ch, cfg.channels_at(stride), 0, cfg.res_scale))
+            stages.append(ShuffleUp(ch, cfg.channels_at(stride), 0, cfg.res_scale, act))
             ch = cfg.channels_at(stride)
         self.stages = nn.Sequential(*stages)
-        self.fine = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale) for _ in range(2 * cfg.depth)])
+        self.fine = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale, act) for _ in range(2 * cfg.depth)])
         self.scale = max(1, stride)
         self.head = nn.Sequential(nn.Conv2d(ch, 3 * self.scale ** 2, 3, padding=1), nn.PixelShuffle(self.scale))
+        nn.init.zeros_(self.head[0].weight)  # the first image is uniform grey (0.5): no early blow-up,
+        nn.init.zeros_(self.head[0].bias)  # and the head's gradient reaches every unit from the first step
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         fused = self.norm(_fuse(self.cfg, feats))
         x = self.proj(fused)
         x = self.stages(x + self.body(x))  # long skip over the body
         x = self.head(x + self.fine(x)) + 0.5
-        return _to_out_size(self.cfg, x, tuple(fused.shape[-2:])).clamp(0, 1)
+        return _in_range(_to_out_size(self.cfg, x, tuple(fused.shape[-2:])), self.training)
 
 
 class UpconvDecoder(nn.Module):

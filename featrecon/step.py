@@ -153,6 +153,19 @@ def layer_strides(meta: S.CacheMeta, layers: tuple[str, ...]) -> list[int]:
     return [meta.image_shape[1] // meta.layers[l][1] for l in layers]
 
 
+# Training windows of about this many pixels (--crop auto): a quarter of a 224-px image per
+# step, so four times the steps in the same time; benchmarks/QUALITY.md measured the trade.
+AUTO_CROP = 112
+
+
+def auto_crop(strides: list[int], image: int) -> int:
+    """--crop auto: the smallest multiple of the coarsest stride from AUTO_CROP up (128 for
+    layer4's 32), or 0 (whole images) when that is not smaller than the image."""
+    s = max(strides)
+    crop = -(-AUTO_CROP // s) * s
+    return crop if crop < image else 0
+
+
 def check_crop(crop: int, strides: list[int], image: int) -> None:
     if crop and (crop % max(strides) or crop > image):
         raise FeatreconError(f"--crop {crop}: must be a multiple of {max(strides)} (the coarsest layer's stride) "

@@ -31,12 +31,17 @@ from .distributed import Group, join, leave
 from .evaluate import evaluate
 from .loader import CacheLoader
 # The step lives in `step`; its names are re-exported here, where callers of the stage look for them.
-from .step import (COMPILE_CHOICES, PRECISIONS, Diverged, Step, StepSettings, check_crop, compute_loss,  # noqa: F401
+from .step import (COMPILE_CHOICES, PRECISIONS, Diverged, Step, StepSettings, auto_crop, check_crop,  # noqa: F401
+                   compute_loss,
                    device_batches, layer_strides, random_crop, step_settings, to_device)
 from .storage import CacheStore, open_cache
 
 log = logging.getLogger(__name__)
 LOSSES = ("mse", "l1", "mse+ssim")
+# Peak learning rate per decoder. upconv normalises every stage (GroupNorm) and trains at
+# 2e-3; edsr and espcn have no normalisation, and at 2e-3 Adam's first steps blew their
+# outputs up or silenced every unit (stuck at the mean image); 5e-4 trained steadily.
+DEFAULT_LR = {"upconv": 2e-3, "edsr": 5e-4, "espcn": 5e-4}
 # Settings that may change between a run and its --resume without changing the result.
 RESUMABLE_CHANGES = {"resume", "progress", "device", "prefetch", "read_threads", "in_memory", "allow_partial", "cache",
                      "compile", "skip_corrupt"}
@@ -49,12 +54,12 @@ class TrainConfig:
     out: Path  # run folder
     epochs: int = 30  # passes over the train split
     batch_size: int = 16  # samples per step
-    lr: float = 2e-3  # peak AdamW learning rate
+    lr: float | None = None  # peak AdamW learning rate; None: the arch's own (DEFAULT_LR)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine to zero
     width: int = 128  # widest decoder stage; full resolution gets width // 8
     depth: int = 1  # residual blocks per stage
-    arch: str = "upconv"  # decoder: upconv (the first release's) or edsr (no norm, PixelShuffle, scaled residuals)
+    arch: str = "espcn"  # decoder: espcn, edsr or upconv (see decoders; benchmarks/QUALITY.md ranks them)
     input_norm: bool = True  # standardise each input channel by the training features' mean and std
     loss: str = "mse"  # mse, l1, or mse+ssim: MSE + ssim_weight * (1 - SSIM)
     ssim_weight: float = 0.1  # weight of the SSIM term in mse+ssim
@@ -66,7 +71,7 @@ class TrainConfig:
     prefetch: int | None = None  # shards read ahead of the step (default: twice the read threads)
     read_threads: int | None = None  # threads decoding the cache (default: all cores)
     eval_samples: int = 64  # at most this many validation samples for the per-epoch PSNR
-    crop: int = 0  # train on random crops of this many pixels (and the matching feature cells); 0: whole images
+    crop: int | None = None  # train on random crops of this many pixels (and the matching cells); 0: whole images; None: auto
     val_fraction: float = 0.05  # share of the train split's images kept out of training to choose best.pt
     early_stop: int = 0  # stop after this many epochs without a better validation PSNR (0: never)
     resume: bool = False  # continue from out/last.pt
@@ -81,14 +86,16 @@ class TrainConfig:
         """One clear error for the first bad setting, before anything is read or built."""
         checks = [("--epochs", self.epochs, self.epochs >= 1, "must be at least 1"),
                   ("--batch-size", self.batch_size, self.batch_size >= 1, "must be at least 1"),
-                  ("--lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
+                  ("--lr", self.lr, self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+                   "must be a positive number"),
                   ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
                   ("--warmup", self.warmup, 0 <= self.warmup < 1, "must be in [0, 1): a share of all steps"),
                   ("--width", self.width, self.width >= 8, "must be at least 8"),
                   ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
                   ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
                   ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
-                  ("--crop", self.crop, self.crop >= 0, "must be 0 (whole images) or a size in pixels"),
+                  ("--crop", self.crop, self.crop is None or self.crop >= 0,
+                   "must be auto, 0 (whole images) or a size in pixels"),
                   ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 0.5, "must be in [0, 0.5)"),
                   ("--early-stop", self.early_stop, self.early_stop >= 0, "must be 0 (off) or more"),
                   ("--prefetch", self.prefetch, self.prefetch is None or self.prefetch >= 1, "must be at least 1"),
@@ -263,6 +270,10 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
     layers = tuple(sorted(cfg.layers, key=list(store.meta.layers).index))
     cfg = TrainConfig(**{**asdict(cfg), "layers": layers})
     strides = layer_strides(store.meta, layers)
+    if cfg.crop is None:  # recorded resolved, in config.json and the checkpoint
+        cfg = TrainConfig(**{**asdict(cfg), "crop": auto_crop(strides, store.meta.image_shape[1])})
+    if cfg.lr is None:
+        cfg = TrainConfig(**{**asdict(cfg), "lr": DEFAULT_LR[cfg.arch]})
     check_crop(cfg.crop, strides, store.meta.image_shape[1])
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = DecoderConfig(layers=layers, in_shapes=tuple(tuple(store.meta.layers[l]) for l in layers),
@@ -399,14 +410,18 @@ def fit_each(cfg: TrainConfig) -> dict[str, dict]:
     with open_cache(cfg.cache) as store:
         layers = list(store.meta.layers)
     results = {}
-    for i, layer in enumerate(layers):
-        one = TrainConfig(**{**asdict(cfg), "layers": (layer,), "out": cfg.out / layer, "resume": True})
-        last = one.out / "last.pt"
-        if last.exists() and load_checkpoint(last)["epoch"] >= cfg.epochs:
-            log.info("layer %d of %d, %s: already trained (%s); skipped", i + 1, len(layers), layer, last)
-            continue
-        log.info("layer %d of %d: %s", i + 1, len(layers), layer)
-        results[layer] = fit(one)
+    group = join(resolve_device(cfg.device))  # one process group for all the layers
+    try:
+        for i, layer in enumerate(layers):
+            one = TrainConfig(**{**asdict(cfg), "layers": (layer,), "out": cfg.out / layer, "resume": True})
+            last = one.out / "last.pt"
+            if last.exists() and load_checkpoint(last)["epoch"] >= cfg.epochs:
+                log.info("layer %d of %d, %s: already trained (%s); skipped", i + 1, len(layers), layer, last)
+                continue
+            log.info("layer %d of %d: %s", i + 1, len(layers), layer)
+            results[layer] = _fit(one, group)
+    finally:
+        leave(group)
     return results
 
 

@@ -9,11 +9,11 @@ SHAPES_224 = {"stem": (64, 112, 112), "layer1": (256, 56, 56), "layer2": (512, 2
               "layer3": (1024, 14, 14), "layer4": (2048, 7, 7)}
 
 
-@pytest.mark.parametrize("arch", ["edsr", "upconv"])
+@pytest.mark.parametrize("arch", ["espcn", "edsr", "upconv"])
 @pytest.mark.parametrize("layer", list(SHAPES_224))
 def test_every_layer_decodes_to_an_image_in_unit_range(layer, arch):
     cfg = DecoderConfig((layer,), (SHAPES_224[layer],), (224, 224), width=32, base_width=4, arch=arch)
-    model = Decoder(cfg)
+    model = Decoder(cfg).eval()  # in use: clamped to [0, 1] (in training the linear heads are not)
     stride = 224 // SHAPES_224[layer][1]
     assert cfg.n_stages == stride.bit_length() - 1  # one x2 stage per factor of two of the stride
     with torch.no_grad():
@@ -22,7 +22,7 @@ def test_every_layer_decodes_to_an_image_in_unit_range(layer, arch):
     assert float(y.min()) >= 0 and float(y.max()) <= 1
 
 
-@pytest.mark.parametrize("arch", ["edsr", "upconv"])
+@pytest.mark.parametrize("arch", ["espcn", "edsr", "upconv"])
 def test_fused_pair_and_odd_sizes(arch):
     cfg = DecoderConfig(("layer2", "layer3"), ((512, 12, 12), (1024, 6, 6)), (96, 96), width=32, base_width=4, arch=arch)
     model = Decoder(cfg)

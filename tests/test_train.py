@@ -198,16 +198,16 @@ def test_cpu_defaults_are_the_measured_ones():
 def test_layer_each_trains_every_cached_layer_and_a_rerun_resumes_the_rest(tmp_path, photo_dir, monkeypatch):
     cache = build_cache(tmp_path / "c.zarr", photo_dir, layers="layer3,layer4", holdout_fraction=0.3)
     runs = tmp_path / "runs"
-    real = T.fit
+    real = T._fit
     calls = []
 
-    def fails_on_layer4(cfg):
+    def fails_on_layer4(cfg, group):
         calls.append(cfg.layers)
         if cfg.layers == ("layer4",) and len(calls) == 2:
             raise KeyboardInterrupt  # killed during the second layer
-        return real(cfg)
+        return real(cfg, group)
 
-    monkeypatch.setattr(T, "fit", fails_on_layer4)
+    monkeypatch.setattr(T, "_fit", fails_on_layer4)
     cfg = tcfg(cache, runs, layers=("each",), epochs=2)
     with pytest.raises(KeyboardInterrupt):
         T.fit_each(cfg)
@@ -310,3 +310,8 @@ def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cac
         l.close()
     with pytest.raises(ValueError):
         CacheLoader(zarr_cache, ("layer2",), idx, 3, rank=2, world=2)
+
+
+def test_auto_crop_is_about_112_pixels_in_whole_cells_of_the_coarsest_layer():
+    assert [T.auto_crop([s], 224) for s in (4, 8, 16, 32)] == [112, 112, 112, 128]
+    assert T.auto_crop([4, 16], 224) == 112 and T.auto_crop([4], 64) == 0 and T.auto_crop([32], 128) == 0
