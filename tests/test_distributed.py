@@ -52,15 +52,15 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_ddp_training_equals_one_process_with_the_same_global_batch(zarr_cache, tmp_path):
     with open_cache(zarr_cache) as store:
-        train, _ = T.validation_split(store, T.train_indices(store, False), 0.05)
+        train, _ = T.validation_split(store, T.train_indices(store, False), 0.2)
     per_rank = max(b for b in (1, 2, 3, 4) if len(train) % (2 * b) == 0)  # whole global batches: same steps
     common = ["--cache", str(zarr_cache), "--layer", "layer2", "--arch", "espcn", "--width", "16", "--epochs", "2",
-              "--crop", "32", "--no-progress", "--device", "cpu"]
+              "--crop", "32", "--val-fraction", "0.2", "--no-progress", "--device", "cpu"]
     done = torchrun(2, "train-decoder", *common, "--batch-size", str(per_rank), "--out", "ddp", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights identical on all 2 ranks" in done.stderr
     T.fit(T.TrainConfig(cache=zarr_cache, layers=("layer2",), out=tmp_path / "one", epochs=2, batch_size=2 * per_rank,
-                        arch="espcn", width=16, crop=32, progress=False, device="cpu"))
+                        arch="espcn", width=16, crop=32, val_fraction=0.2, progress=False, device="cpu"))
     ddp, one = _state(tmp_path / "ddp" / "last.pt"), _state(tmp_path / "one" / "last.pt")
     assert ddp.keys() == one.keys()
     for k in one:

@@ -315,3 +315,13 @@ def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cac
 def test_auto_crop_is_about_112_pixels_in_whole_cells_of_the_coarsest_layer():
     assert [T.auto_crop([s], 224) for s in (4, 8, 16, 32)] == [112, 112, 112, 128]
     assert T.auto_crop([4, 16], 224) == 112 and T.auto_crop([4], 64) == 0 and T.auto_crop([32], 128) == 0
+
+
+def test_too_few_validation_images_are_not_kept_out(zarr_cache):
+    with open_cache(zarr_cache) as store:
+        idx = T.train_indices(store, False)
+        sources = len(set(store.ids()[i] for i in idx))
+        assert sources * 0.05 < T.MIN_VALIDATION  # about one image: best.pt would be chosen by chance
+        train, val = T.validation_split(store, idx, 0.05)
+        assert len(val) == 0 and np.array_equal(train, idx)
+        assert len(T.validation_split(store, idx, 0.3)[1]) >= 1
