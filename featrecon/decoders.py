@@ -178,6 +178,13 @@ class ShuffleUp(nn.Module):
         return self.blocks(self.up(x))
 
 
+def _long_skip_body(ch: int, cfg: DecoderConfig, act=nn.ReLU) -> nn.Sequential:
+    """The input-resolution body under edsr's and espcn's long skip: 2 * depth scaled
+    residual blocks, then a 3x3 convolution."""
+    return nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale, act) for _ in range(2 * cfg.depth)],
+                         nn.Conv2d(ch, ch, 3, padding=1))
+
+
 class EDSRDecoder(nn.Module):
     """features: list of (B, C_i, H_i, W_i) tensors in config order -> (B, 3, H, W) in [0, 1]."""
 
@@ -188,8 +195,7 @@ class EDSRDecoder(nn.Module):
         stride = round(cfg.out_size[0] / cfg.in_size[0])
         ch = cfg.channels_at(stride)
         self.proj = nn.Conv2d(cfg.in_channels, ch, 1)
-        self.body = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale) for _ in range(2 * cfg.depth)],
-                                  nn.Conv2d(ch, ch, 3, padding=1))
+        self.body = _long_skip_body(ch, cfg)
         stages = []
         for _ in range(cfg.n_stages):
             stride = max(1, stride // 2)
@@ -230,8 +236,7 @@ class ESPCNDecoder(nn.Module):
         ch = cfg.channels_at(stride)
         act = _leaky
         self.proj = nn.Conv2d(cfg.in_channels, ch, 1)
-        self.body = nn.Sequential(*[ScaledResBlock(ch, cfg.res_scale, act) for _ in range(2 * cfg.depth)],
-                                  nn.Conv2d(ch, ch, 3, padding=1))
+        self.body = _long_skip_body(ch, cfg, act)
         stages = []
         while stride > self.HEAD:
             stride //= 2

@@ -31,8 +31,13 @@ def free_port() -> int:
 def _command(nproc: int, args, env: dict | None = None) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "featrecon", *args]
-    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "FEATRECON_DIST_TIMEOUT": "60",
-                 **(env or {})}
+    return cmd, _env(env)
+
+
+def _env(extra: dict | None = None) -> dict:
+    """One thread per process, gloo on the loopback device, a short wait limit."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "FEATRECON_DIST_TIMEOUT": "60",
+            **(extra or {})}
 
 
 def torchrun(nproc: int, *args: str, cwd: Path, timeout: float = LAUNCH_TIMEOUT, env: dict | None = None):
@@ -114,8 +119,7 @@ def one_process_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m featrecon ARGS` with one thread, as each torchrun rank has here: oneDNN's
     float32 sums depend on how a convolution is split between threads, so byte equality
     holds between runs with the same threads per process."""
-    cmd, env = _command(1, args)
-    return subprocess.run([sys.executable, "-m", "featrecon", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "featrecon", *args], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=LAUNCH_TIMEOUT)
 
 
