@@ -23,35 +23,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featrecon.decoders import Decoder, DecoderConfig
+from featrecon.decoders import Decoder
 from featrecon.evaluate import ScoreConfig, score
 from featrecon.storage import open_cache
-from featrecon.train import TrainConfig, auto_crop, fit, layer_strides, train_indices, validation_split
+from featrecon.train import TrainConfig, decoder_config, fit, resolve, train_indices, validation_split
 
 log = logging.getLogger("benchmarks.quality")
 
 VARIANTS = {  # every variant standardises its input channels (input_norm) unless it says otherwise
-    "espcn, mse, crop 112 (the defaults)": dict(),
-    "upconv, mse, crop 112": dict(arch="upconv", crop=112),
-    "edsr, mse, crop 112": dict(arch="edsr", crop=112),
-    "espcn, l1": dict(loss="l1"),
-    "espcn, mse+ssim": dict(loss="mse+ssim"),
-    "espcn, whole images": dict(crop=0),
-    "espcn, depth 2": dict(depth=2),
-    "espcn, width 256": dict(width=256),
-    "first release: upconv, whole images, raw inputs": dict(arch="upconv", crop=0, input_norm=False),
+    "the defaults": dict(),
+    "res_scale 0.1 (EDSR's)": dict(res_scale=0.1),
+    "width 128, crop 112 (layer1: a 64-channel body)": dict(width=128, crop=112),
+    "lr 1e-3": dict(lr=1e-3),
+    "batch 8": dict(batch_size=8),
+    "depth 2": dict(depth=2),
+    "l1 loss": dict(loss="l1"),
+    "mse+ssim loss": dict(loss="mse+ssim"),
+    "whole images": dict(crop=0),
+    "upconv, crop 112": dict(arch="upconv", crop=112, width=128),
+    "edsr, crop 112, res_scale 0.1": dict(arch="edsr", crop=112, width=128, res_scale=0.1),
+    "first release: upconv, whole images, raw inputs": dict(arch="upconv", crop=0, width=128, input_norm=False),
+    "first espcn defaults: res_scale 0.1, width 128, crop 112": dict(res_scale=0.1, width=128, crop=112),
+    "crop 64, width 256": dict(crop=64, width=256),
 }
 
 
-def step_rate(cfg: TrainConfig, steps: int = 3) -> float:
+def step_rate(cfg: TrainConfig, steps: int = 12) -> float:
     """Training samples/s of cfg's decoder on random inputs of the cache's shapes (after a warm-up step)."""
     with open_cache(cfg.cache) as store:
         meta = store.meta
-    dcfg = DecoderConfig(cfg.layers, tuple(tuple(meta.layers[l]) for l in cfg.layers), meta.image_shape[1:],
-                         width=cfg.width, depth=cfg.depth, base_width=max(4, cfg.width // 8), arch=cfg.arch)
+    cfg = resolve(cfg, meta)
     torch.manual_seed(0)
-    model = Decoder(dcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 5e-4)
+    model = Decoder(decoder_config(cfg, meta))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     size = meta.image_shape[1]
     crop = cfg.crop if cfg.crop and cfg.crop < size else size  # the step's window, as training takes it
     feats = [torch.randn(cfg.batch_size, meta.layers[l][0], *(2 * [crop * meta.layers[l][1] // size]))
@@ -67,12 +71,13 @@ def step_rate(cfg: TrainConfig, steps: int = 3) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
-def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: float, out: Path) -> dict:
+def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: float, out: Path,
+                epochs: int | None = None) -> dict:
+    """Train one variant for `minutes` (epochs estimated from its step rate), or for `epochs`."""
     cfg = TrainConfig(cache=cache, layers=(layer,), out=out, progress=False, **settings)
     with open_cache(cache) as store:
         n_train = len(train_indices(store, False))
-        if cfg.crop is None:  # as fit resolves it
-            cfg = replace(cfg, crop=auto_crop(layer_strides(store.meta, (layer,)), store.meta.image_shape[1]))
+        cfg = resolve(cfg, store.meta)  # as fit resolves it
     rate = step_rate(cfg)
     # Per epoch: the train split, plus the evaluation of the validation images: whole images, forward
     # only (~1/3 of a step), (size / crop)^2 windows' worth each.
@@ -81,7 +86,7 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
         n_val = len(validation_split(store, train_indices(store, False), cfg.val_fraction)[1])
     windows = (size / cfg.crop) ** 2 if cfg.crop else 1.0
     per_epoch = (n_train - n_val + min(cfg.eval_samples, n_val) * windows / 3) / rate
-    epochs = max(1, math.floor(minutes * 60 / per_epoch))
+    epochs = epochs or max(1, math.floor(minutes * 60 / per_epoch))
     cfg = replace(cfg, epochs=epochs)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="layer1,layer3")
     p.add_argument("--variants", help=f"comma list of indices into: {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget per variant and layer")
+    p.add_argument("--epochs", type=int, help="train every variant this many epochs instead of a time budget "
+                   "(for variants of the same step cost: the budget's estimate varies by ~30%% on a noisy CPU)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/quality"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     for layer in [l.strip() for l in args.layers.split(",")]:
         for name in names:
             folder = runs / layer / f"v{list(VARIANTS).index(name)}"
-            row = run_variant(args.cache, layer, name, VARIANTS[name], args.minutes, folder)
+            row = run_variant(args.cache, layer, name, VARIANTS[name], args.minutes, folder, args.epochs)
             rep = score(ScoreConfig(cache=args.cache, runs=folder, out=args.out / "scratch", progress=False, save=0))
             r = rep["runs"][0]
             row |= {"psnr": r["psnr"]["mean"], "ssim": r["ssim"]["mean"], "n": r["n"],

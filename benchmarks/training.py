@@ -23,11 +23,11 @@ import torch
 
 from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
 from featrecon.data import ImageDataset, collate_images
-from featrecon.decoders import Decoder, DecoderConfig
+from featrecon.decoders import Decoder
 from featrecon.loader import CacheLoader
 from featrecon.storage import open_cache
 from featrecon.step import Step, device_batches, step_settings
-from featrecon.train import TrainConfig, lr_lambda
+from featrecon.train import TrainConfig, decoder_config, lr_lambda, resolve
 
 from .common import log, sync
 
@@ -35,9 +35,8 @@ from .common import log, sync
 def _train_setup(cache: Path, device, batch: int, steps: int):
     with open_cache(cache) as store:
         meta = store.meta
-    cfg = TrainConfig(cache=cache, layers=("layer3",), out=Path("."), batch_size=batch, progress=False)
-    dcfg = DecoderConfig(("layer3",), (tuple(meta.layers["layer3"]),), meta.image_shape[1:], width=cfg.width,
-                         depth=cfg.depth, base_width=max(4, cfg.width // 8), arch=cfg.arch)
+    cfg = resolve(TrainConfig(cache=cache, layers=("layer3",), out=Path("."), batch_size=batch, progress=False), meta)
+    dcfg = decoder_config(cfg, meta)
     settings = step_settings(cfg, device)
 
     def new_step() -> Step:
@@ -45,7 +44,7 @@ def _train_setup(cache: Path, device, batch: int, steps: int):
         model = Decoder(dcfg).to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 5e-4, **({"fused": True} if settings.fused_adamw else {}))
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, **({"fused": True} if settings.fused_adamw else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10 * steps, cfg.warmup))
         return Step(model, opt, sched, cfg, device, settings)
 

@@ -146,12 +146,17 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default: runs/<layer>; with --layer each, the folder "
                    "that gets one run per layer, default runs)")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step and rank (8 trained best in "
+                   "the same time on a CPU; on a GPU a larger batch keeps it busy)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 for espcn and edsr, 2e-3 for upconv)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
-    p.add_argument("--width", type=int, default=128, help="channels of the widest (coarsest) stage; halved per upsampling, down to width//8")
+    p.add_argument("--width", type=_auto_int, default=None, metavar="N|auto", help="channels of the widest (coarsest) "
+                   "stage; halved per upsampling, down to width//8 (auto: 256 for inputs at stride 4 or finer, "
+                   "stem and layer1, else 128)")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
+    p.add_argument("--res-scale", type=float, default=1.0, help="edsr and espcn: scale of each residual branch "
+                   "before its skip (EDSR's large model used 0.1)")
     p.add_argument("--arch", default="espcn", choices=["espcn", "edsr", "upconv"], help="decoder: "
                    "espcn (edsr's blocks down to stride 4, then one x4 sub-pixel head), edsr (no normalisation, "
                    "sub-pixel upsampling to full resolution, scaled residuals) or upconv (nearest upsampling, "
@@ -172,7 +177,8 @@ def train_parser() -> argparse.ArgumentParser:
                    "per-epoch PSNR that chooses best.pt")
     p.add_argument("--crop", type=_auto_int, default=None, metavar="N|auto", help="train on random windows of this "
                    "many pixels and the matching feature cells (a multiple of the coarsest layer's stride; 0: whole "
-                   "images; auto: about 112 px, whole images when that is not smaller); scoring uses whole images")
+                   "images; auto: about 112 px, 64 for inputs at stride 4 or finer, whole images when that is not smaller); "
+                   "scoring uses whole images")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the train split's images kept out of "
                    "training to choose best.pt (never the holdout)")
     p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without a better validation PSNR "
@@ -193,7 +199,8 @@ def _train(args: argparse.Namespace) -> None:
     out = args.out or (Path("runs") if each else Path("runs") / "+".join(layers))
     (fit_each if each else fit)(TrainConfig(
         cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, arch=args.arch,
+        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, res_scale=args.res_scale,
+        arch=args.arch,
         input_norm=not args.no_input_norm, loss=args.loss, seed=args.seed, device=args.device,
         precision=args.precision, compile=args.compile, in_memory=args.in_memory, prefetch=args.prefetch, read_threads=args.read_threads,
         eval_samples=args.eval_samples, crop=args.crop, val_fraction=args.val_fraction, early_stop=args.early_stop,

@@ -4,17 +4,19 @@ A decoder maps one or several cached layers to a (3, H, W) image in [0, 1]: inpu
 projection, then one x2 upsampling stage per factor of two of the layer's stride,
 then a 3x3 convolution to RGB. Channels follow the resolution: `base_width` at full
 resolution, doubling per halving, capped at `width`, so the expensive
-full-resolution stages stay narrow. Two architectures (`arch`):
+full-resolution stages stay narrow. Three architectures (`arch`); benchmarks/QUALITY.md
+ranks them:
 
+- `espcn` (the default): edsr's blocks down to stride 4, then one x4 sub-pixel
+  convolution to the image (ESPCN, Shi et al. 2016), LeakyReLU, a zero-initialised head.
 - `edsr`: what single-image super-resolution found to work (EDSR, Lim
   et al. 2017): no normalisation layers, residual blocks whose output is scaled by
   `res_scale` before the skip, learned sub-pixel upsampling (a convolution to 4x the
   channels, then PixelShuffle), a long skip over the input-resolution body, and a
   linear RGB head clamped to [0, 1] rather than a sigmoid.
-- `upconv` (the default until the ablation in benchmarks/QUALITY.md ranks them): the
-  first release's decoder, after Dosovitskiy & Brox ("Inverting visual representations
-  with convolutional networks", 2016): nearest x2 upsampling and a convolution per
-  stage, GroupNorm and GELU, a sigmoid head.
+- `upconv`: the first release's decoder, after Dosovitskiy & Brox ("Inverting visual
+  representations with convolutional networks", 2016): nearest x2 upsampling and a
+  convolution per stage, GroupNorm and GELU, a sigmoid head.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ class DecoderConfig:
     depth: int = 1  # residual blocks per upsampling stage (and in the input-resolution body)
     base_width: int = 32  # channels at full resolution
     arch: str = "upconv"  # "edsr" or "upconv"; checkpoints written before `arch` existed are upconv
-    res_scale: float = 0.1  # edsr: residual branch scaling
+    # edsr, espcn: residual branch scaling. EDSR used 0.1 for its 256-channel, 32-block model;
+    # our decoders have 2-4 blocks, and 0.1 slowed them down (layer1: 23.1 against 23.7 dB
+    # after the same 8 epochs). Checkpoints record their own.
+    res_scale: float = 1.0
     input_norm: bool = False  # standardise each input channel by the training set's mean and std (set by `fit`)
 
     @property

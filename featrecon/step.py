@@ -153,17 +153,34 @@ def layer_strides(meta: S.CacheMeta, layers: tuple[str, ...]) -> list[int]:
     return [meta.image_shape[1] // meta.layers[l][1] for l in layers]
 
 
-# Training windows of about this many pixels (--crop auto): a quarter of a 224-px image per
-# step, so four times the steps in the same time; benchmarks/QUALITY.md measured the trade.
+# --crop auto and --width auto, chosen per input on the protocol of benchmarks/QUALITY.md. Decoders
+# of layers at stride 8 and coarser train on windows of about AUTO_CROP pixels: a quarter of a
+# 224-px image per step, four times the steps in the same time (on layer3, 64-px windows lost
+# 0.9 dB: too little context). Inputs at stride FINE_STRIDE or finer (stem, layer1) are decoded
+# at their own resolution, where the default width's stride-4 body (64 channels) held layer1 at
+# 24 dB; twice the width costs four times per pixel, which 64-px windows pay for (+1.0 dB on
+# layer1 in the same time).
 AUTO_CROP = 112
+FINE_CROP = 64
+FINE_STRIDE = 4
+AUTO_WIDTH = 128
+FINE_WIDTH = 256
 
 
 def auto_crop(strides: list[int], image: int) -> int:
     """--crop auto: the smallest multiple of the coarsest stride from AUTO_CROP up (128 for
-    layer4's 32), or 0 (whole images) when that is not smaller than the image."""
+    layer4's 32; FINE_CROP for inputs at stride 4 or finer), or 0 (whole images) when that is
+    not smaller than the image."""
     s = max(strides)
-    crop = -(-AUTO_CROP // s) * s
+    want = FINE_CROP if s <= FINE_STRIDE else AUTO_CROP
+    crop = -(-want // s) * s
     return crop if crop < image else 0
+
+
+def auto_width(strides: list[int]) -> int:
+    """--width auto: FINE_WIDTH (a 128-channel stride-4 body) when every input is at stride 4 or
+    finer, else AUTO_WIDTH."""
+    return FINE_WIDTH if max(strides) <= FINE_STRIDE else AUTO_WIDTH
 
 
 def check_crop(crop: int, strides: list[int], image: int) -> None:

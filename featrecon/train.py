@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,8 @@ from .distributed import Group, join, leave
 from .evaluate import evaluate
 from .loader import CacheLoader
 # The step lives in `step`; its names are re-exported here, where callers of the stage look for them.
-from .step import (COMPILE_CHOICES, PRECISIONS, Diverged, Step, StepSettings, auto_crop, check_crop,  # noqa: F401
-                   compute_loss,
-                   device_batches, layer_strides, random_crop, step_settings, to_device)
+from .step import (COMPILE_CHOICES, PRECISIONS, Diverged, Step, StepSettings, auto_crop, auto_width,  # noqa: F401
+                   check_crop, compute_loss, device_batches, layer_strides, random_crop, step_settings, to_device)
 from .storage import CacheStore, open_cache
 
 log = logging.getLogger(__name__)
@@ -57,12 +56,13 @@ class TrainConfig:
     layers: tuple[str, ...]  # cached layer(s) to decode from; several are fused
     out: Path  # run folder
     epochs: int = 30  # passes over the train split
-    batch_size: int = 16  # samples per step
+    batch_size: int = 8  # samples per step and rank
     lr: float | None = None  # peak AdamW learning rate; None: the arch's own (DEFAULT_LR)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine to zero
-    width: int = 128  # widest decoder stage; full resolution gets width // 8
+    width: int | None = None  # widest decoder stage, full resolution gets width // 8; None: auto (auto_width)
     depth: int = 1  # residual blocks per stage
+    res_scale: float = 1.0  # edsr and espcn: each residual branch is scaled by this before its skip
     arch: str = "espcn"  # decoder: espcn, edsr or upconv (see decoders; benchmarks/QUALITY.md ranks them)
     input_norm: bool = True  # standardise each input channel by the training features' mean and std
     loss: str = "mse"  # mse, l1, or mse+ssim: MSE + ssim_weight * (1 - SSIM)
@@ -94,7 +94,8 @@ class TrainConfig:
                    "must be a positive number"),
                   ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
                   ("--warmup", self.warmup, 0 <= self.warmup < 1, "must be in [0, 1): a share of all steps"),
-                  ("--width", self.width, self.width >= 8, "must be at least 8"),
+                  ("--width", self.width, self.width is None or self.width >= 8, "must be auto or at least 8"),
+                  ("--res-scale", self.res_scale, 0 < self.res_scale <= 1, "must be in (0, 1]"),
                   ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
                   ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
                   ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
@@ -257,6 +258,22 @@ def _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch, best, history) -
     }
 
 
+def resolve(cfg: TrainConfig, meta: S.CacheMeta) -> TrainConfig:
+    """cfg with its auto settings (crop, width, lr) set for the cache's layers; a run records them
+    resolved, in config.json and the checkpoint."""
+    strides = layer_strides(meta, cfg.layers)
+    auto = {"crop": auto_crop(strides, meta.image_shape[1]), "width": auto_width(strides), "lr": DEFAULT_LR[cfg.arch]}
+    return replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) is None})
+
+
+def decoder_config(cfg: TrainConfig, meta: S.CacheMeta) -> DecoderConfig:
+    """The decoder a resolved cfg trains on the cache's layers."""
+    return DecoderConfig(layers=cfg.layers, in_shapes=tuple(tuple(meta.layers[l]) for l in cfg.layers),
+                         out_size=meta.image_shape[1:], width=cfg.width, depth=cfg.depth,
+                         base_width=max(4, cfg.width // 8), arch=cfg.arch, res_scale=cfg.res_scale,
+                         input_norm=cfg.input_norm)
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume) a decoder; returns the last epoch's metrics."""
     cfg.validate()
@@ -273,17 +290,11 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
     store = open_cache(cfg.cache)
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
     layers = tuple(sorted(cfg.layers, key=list(store.meta.layers).index))
-    cfg = TrainConfig(**{**asdict(cfg), "layers": layers})
+    cfg = resolve(replace(cfg, layers=layers), store.meta)
     strides = layer_strides(store.meta, layers)
-    if cfg.crop is None:  # recorded resolved, in config.json and the checkpoint
-        cfg = TrainConfig(**{**asdict(cfg), "crop": auto_crop(strides, store.meta.image_shape[1])})
-    if cfg.lr is None:
-        cfg = TrainConfig(**{**asdict(cfg), "lr": DEFAULT_LR[cfg.arch]})
     check_crop(cfg.crop, strides, store.meta.image_shape[1])
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
-    dcfg = DecoderConfig(layers=layers, in_shapes=tuple(tuple(store.meta.layers[l]) for l in layers),
-                         out_size=store.meta.image_shape[1:], width=cfg.width, depth=cfg.depth,
-                         base_width=max(4, cfg.width // 8), arch=cfg.arch, input_norm=cfg.input_norm)
+    dcfg = decoder_config(cfg, store.meta)
     resume_from = _check_run_folder(cfg, fp)  # every rank reads the same last.pt
     group.barrier()  # ... before rank 0 writes anything
     if group.main:

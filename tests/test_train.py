@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,9 +313,25 @@ def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cac
         CacheLoader(zarr_cache, ("layer2",), idx, 3, rank=2, world=2)
 
 
-def test_auto_crop_is_about_112_pixels_in_whole_cells_of_the_coarsest_layer():
-    assert [T.auto_crop([s], 224) for s in (4, 8, 16, 32)] == [112, 112, 112, 128]
+def test_auto_crop_is_about_112_pixels_in_whole_cells_of_the_coarsest_layer_64_at_stride_4_or_finer():
+    assert [T.auto_crop([s], 224) for s in (2, 4, 8, 16, 32)] == [64, 64, 112, 112, 128]
     assert T.auto_crop([4, 16], 224) == 112 and T.auto_crop([4], 64) == 0 and T.auto_crop([32], 128) == 0
+
+
+def test_resolve_sets_only_the_auto_settings_per_layer(zarr_cache):
+    assert [T.auto_width([s]) for s in (2, 4, 8, 32)] == [256, 256, 128, 128] and T.auto_width([4, 16]) == 128
+    with open_cache(zarr_cache) as store:
+        meta = store.meta
+    size = meta.image_shape[1]
+    for layer in ("layer1", "layer3"):
+        cfg = T.resolve(T.TrainConfig(cache=zarr_cache, layers=(layer,), out=Path("r")), meta)
+        strides = T.layer_strides(meta, (layer,))
+        assert (cfg.crop, cfg.width, cfg.lr) == (T.auto_crop(strides, size), T.auto_width(strides), T.DEFAULT_LR["espcn"])
+        dcfg = T.decoder_config(cfg, meta)
+        assert (dcfg.width, dcfg.base_width, dcfg.res_scale, dcfg.in_shapes) == (
+            cfg.width, cfg.width // 8, 1.0, (tuple(meta.layers[layer]),))
+    given = T.TrainConfig(cache=zarr_cache, layers=("layer1",), out=Path("r"), crop=16, width=24, lr=1e-3, arch="edsr")
+    assert T.resolve(given, meta) == given  # what the user set stays
 
 
 def test_too_few_validation_images_are_not_kept_out(zarr_cache):
