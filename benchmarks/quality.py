@@ -74,7 +74,7 @@ def step_rate(cfg: TrainConfig, steps: int = 12) -> float:
 def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: float, out: Path,
                 epochs: int | None = None) -> dict:
     """Train one variant for `minutes` (epochs estimated from its step rate), or for `epochs`."""
-    cfg = TrainConfig(cache=cache, layers=(layer,), out=out, progress=False, **settings)
+    cfg = TrainConfig(cache=cache, layers=tuple(layer.split("+")), out=out, progress=False, **settings)
     with open_cache(cache) as store:
         n_train = len(train_indices(store, False))
         cfg = resolve(cfg, store.meta)  # as fit resolves it
@@ -100,7 +100,7 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, required=True)
-    p.add_argument("--layers", default="layer1,layer3")
+    p.add_argument("--layers", default="layer1,layer3", help="comma list; layer2+layer3 fuses")
     p.add_argument("--variants", help=f"comma list of indices into: {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget per variant and layer")
     p.add_argument("--epochs", type=int, help="train every variant this many epochs instead of a time budget "
