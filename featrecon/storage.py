@@ -1,6 +1,7 @@
-"""Zarr v3 and HDF5 backends of the feature cache, behind one interface.
+"""The feature cache's one interface (`CacheStore`) over its two backends, Zarr v3
+(`zarr_store`) and HDF5 (`h5_store`).
 
-The layout comes from `schema`; this module only knows how each library spells
+The layout comes from `schema`; the backends only know how each library spells
 it. `open_cache` / `create_cache` pick the backend once, from the path or an
 explicit format. Writes go a whole shard at a time from one writer: zarr-python
 loses data when two writers touch parts of one shard, and a whole-shard write is
@@ -10,7 +11,6 @@ done, or recomputed).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -23,9 +23,9 @@ import numpy as np
 
 from . import FeatreconError, remote
 from . import schema as S
-from .schema import CacheMeta, Codec
+from .schema import CacheMeta
 from .views import CENTRE, Views, centre_box
-from .zarr_shards import CorruptChunk, ShardDecoder, ShardEncoder, report
+from .zarr_shards import CorruptChunk, report
 
 FORMATS = ("zarr", "hdf5")
 _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -225,280 +225,8 @@ class SliceReader(RowReader):
             out[...] = data[r]
 
 
-# ----------------------------------------------------------------------------- Zarr
-
-
-def _zarr_compressors(codec: Codec) -> tuple:
-    """The bytes-to-bytes codecs of every per-sample chunk: the compressor, then a crc32c of
-    what it wrote, so a damaged chunk is caught before it is decompressed."""
-    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
-
-    if codec.name == "none":
-        return (Crc32cCodec(),)
-    if codec.name == "zstd":
-        return (ZstdCodec(level=codec.level), Crc32cCodec())
-    cname = "lz4" if codec.name == "lz4" else "zstd"
-    return (BloscCodec(cname=cname, clevel=codec.level, shuffle="bitshuffle"), Crc32cCodec())
-
-
-@dataclass
-class _Compressing:
-    encoder: ShardEncoder
-    parts: list
-
-
 def _stacked(rows) -> np.ndarray:
     return rows if isinstance(rows, np.ndarray) else np.stack(rows)
-
-
-def _open_group(path, mode: str):
-    """The Zarr group at a local path, or at a URL through zarr's FsspecStore."""
-    import zarr
-
-    if remote.is_url(path):
-        return zarr.open_group(path, mode=mode, storage_options=remote.options())
-    return zarr.open_group(str(path), mode=mode)
-
-
-class ZarrCacheStore(CacheStore):
-    parallel_shards = True  # every shard and its status chunk are files of their own
-
-    def __init__(self, path: Path, mode: str):
-        import zarr
-
-        self.path = path
-        try:
-            self.group = _open_group(path, mode)
-        except (FileNotFoundError, zarr.errors.BaseZarrError):
-            raise FeatreconError(f"{path}: no Zarr cache here; run extract-features first") from None
-        meta = self.group.attrs.get(S.META_ATTR)
-        if meta is None:
-            raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
-        self.meta = CacheMeta.from_dict(meta)
-        self._arrays = {}
-        self._readable = {}
-        self.fast_writes = True  # False: every write through zarr's own codec pipeline
-
-    @classmethod
-    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
-               views: Views) -> "ZarrCacheStore":
-
-        from zarr.codecs import Crc32cCodec, ZstdCodec
-
-        g = _open_group(path, "w")
-        comp = _zarr_compressors(Codec.parse(meta.codec))
-        n, s = meta.n, meta.shard_size
-        for name, (shape, dtype) in meta.sample_arrays().items():
-            g.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *shape), shards=(s, *shape),
-                           compressors=comp, fill_value=0, dimension_names=S.dimension_names(name))
-        small = max(1, min(n, 1 << 16))
-        checked = (ZstdCodec(level=3), Crc32cCodec())  # the small arrays: core types, compressed, checksummed
-        id_bytes = S.encode_ids(ids)
-        g.create_array(S.IDS, shape=id_bytes.shape, dtype="uint8", chunks=(small, id_bytes.shape[1]),
-                       compressors=checked, fill_value=0, dimension_names=S.dimension_names(S.IDS))[:] = id_bytes
-        for name, values in _columns(labels, split, views).items():
-            g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(small, *values.shape[1:]),
-                           compressors=checked, fill_value=0, dimension_names=S.dimension_names(name))[:] = values
-        # One status chunk per shard, so marking a shard done rewrites one small object.
-        g.create_array(S.STATUS, shape=(n,), dtype="uint8", chunks=(s,), fill_value=S.STATUS_PENDING,
-                       compressors=checked, dimension_names=S.dimension_names(S.STATUS))
-        # The metadata goes last: a cache without it is visibly unfinished and is recreated.
-        g.attrs.update({S.SKIPPED_ATTR: {}, S.OVERFLOW_ATTR: {}, S.META_ATTR: meta.to_dict()})
-        return cls(path, "r+")
-
-    def _array(self, name):
-        """The array `name`, opened once: opening reads and parses its zarr.json."""
-        if name not in self._readable:
-            self._readable[name] = self.group[name]
-        return self._readable[name]
-
-    def read(self, name, start, stop):
-        return self._array(name)[start:stop]
-
-    def read_all(self, name):
-        return self._array(name)[:]
-
-    def array_info(self, name):
-        a = self._array(name)
-        return tuple(a.shape), np.dtype(a.dtype)
-
-    def row_reader(self, name):
-        # Local shard files of featrecon's layout: decoded straight into the caller's buffers
-        # (see zarr_shards: the codec's own speed); anything else through zarr-python.
-        if remote.is_url(self.path):  # each shard fetched whole, as one object, through fsspec
-            fs, root = remote.filesystem(self.path)
-
-            def fetch(key: str):
-                try:
-                    return fs.cat_file(f"{root}/{name}/{key}")
-                except FileNotFoundError:
-                    return None
-
-            return ShardDecoder.with_fetch(fetch, name) or SliceReader(self, name)
-        return ShardDecoder.open(self.path / name, name) or SliceReader(self, name)
-
-    def attr(self, key, default=None):
-        return self.group.attrs.get(key, default)
-
-    def _start_arrays(self, k, arrays):
-        started = {}
-        for name, value in arrays.items():
-            encoder = self._writable(name)[1]
-            started[name] = _Compressing(encoder, encoder.start(value, self.pool)) if encoder is not None else value
-        return started
-
-    def _write_arrays(self, start, stop, arrays):
-        k = start // self.meta.shard_size
-        for name, value in arrays.items():
-            array, encoder = self._writable(name)
-            if isinstance(value, _Compressing):
-                value.encoder.put(k, value.encoder.assemble(value.parts))
-            elif encoder is not None:
-                encoder.write(k, value, self.pool)
-            else:
-                array[start:stop] = _stacked(value)
-
-    def _writable(self, name):
-        """The array opened for writing, and its whole-shard encoder (None: zarr writes it).
-
-        `write_empty_chunks` skips zarr's per-chunk "is it all fill value?" comparison,
-        which on float16 cost more CPU than the zstd compression itself; a skipped
-        sample's zeros compress to a few bytes anyway."""
-        if name not in self._arrays:
-            array = self.group[name].with_config({"write_empty_chunks": True})
-            self._arrays[name] = (array, ShardEncoder.for_array(array) if self.fast_writes else None)
-        return self._arrays[name]
-
-    def _set_attrs(self, updates):
-        self.group.attrs.update(updates)
-
-    def _write_status(self, start, stop, status):
-        self._writable(S.STATUS)[0][start:stop] = status
-
-    # Several processes may write one Zarr cache (torchrun): no object may be read, changed
-    # and written back by two of them. So a shard's bookkeeping (skipped files, float16
-    # overflow) goes into a record of its own, the group records/<k>, written before its
-    # status; `merge_records`, run by one process at the end of every extraction, gathers
-    # them into the root attributes. A run killed before its merge loses nothing: the next
-    # run's merge reads every record.
-    def finish_shard(self, shard, status, skipped, overflow):
-        self._write_arrays(shard.start, shard.stop, shard.arrays)
-        if skipped or overflow:
-            attrs = {S.SKIPPED_ATTR: skipped, S.OVERFLOW_ATTR: overflow}
-            self.group.create_group(f"{S.RECORDS}/{shard.k}", attributes=attrs, overwrite=True)
-        self._write_status(shard.start, shard.stop, status)
-
-    def merge_records(self) -> None:
-        skipped, overflow = self._bookkeeping()
-        self._set_attrs({S.SKIPPED_ATTR: skipped, S.OVERFLOW_ATTR: overflow})
-
-    def _bookkeeping(self):
-        """From the per-shard records, which are always current (the root attributes are their
-        summary as of the last finished run); from the root attributes in a schema-2 cache."""
-        if self.meta.schema_version < 3:
-            return super()._bookkeeping()
-        skipped, overflow = {}, {}
-        if S.RECORDS in self.group:
-            records = self.group[S.RECORDS]
-            for name in sorted(records.group_keys(), key=int):
-                attrs = records[name].attrs
-                skipped.update(attrs.get(S.SKIPPED_ATTR, {}))
-                if attrs.get(S.OVERFLOW_ATTR):
-                    overflow[name] = attrs[S.OVERFLOW_ATTR]
-        return skipped, overflow
-
-
-# ----------------------------------------------------------------------------- HDF5
-
-
-def _h5_filter(codec: Codec) -> dict:
-    import hdf5plugin
-
-    if codec.name == "none":
-        return {}
-    if codec.name == "zstd":
-        return dict(hdf5plugin.Zstd(clevel=codec.level))
-    cname = "lz4" if codec.name == "lz4" else "zstd"
-    return dict(hdf5plugin.Blosc(cname=cname, clevel=codec.level, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
-
-
-class H5CacheStore(CacheStore):
-    """HDF5 backend. HDF5 is not crash-safe the way per-chunk files are: we flush
-    after every shard, so a kill between shards leaves a good file, but a kill
-    inside a write can damage it; `open_cache` then says so plainly."""
-
-    def __init__(self, path: Path, mode: str):
-        import h5py
-        import hdf5plugin  # noqa: F401  (registers the zstd/blosc filters)
-
-        self.path = path
-        if not path.exists():
-            raise FeatreconError(f"{path}: no HDF5 cache here; run extract-features first")
-        try:
-            self.file = h5py.File(path, mode, locking=False)
-        except OSError as e:
-            raise FeatreconError(
-                f"{path}: HDF5 file cannot be opened ({str(e).splitlines()[0]}); if a run was killed while "
-                "writing it, rerun with --overwrite (Zarr caches survive kills)") from None
-        raw = self.file.attrs.get(S.META_ATTR)
-        if raw is None:
-            self.file.close()
-            raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
-        self.meta = CacheMeta.from_dict(json.loads(raw))
-
-    @classmethod
-    def create(cls, path: Path, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
-               views: Views) -> "H5CacheStore":
-        import h5py
-
-        # Fletcher-32 after the compressor: HDF5 checks it on every chunk it reads.
-        filt = {**_h5_filter(Codec.parse(meta.codec)), "fletcher32": True}
-        with h5py.File(path, "w", libver="latest") as f:
-            for name, (shape, dtype) in meta.sample_arrays().items():
-                f.create_dataset(name, shape=(meta.n, *shape), dtype=dtype, chunks=(1, *shape), fillvalue=0, **filt)
-            f.create_dataset(S.IDS, data=S.encode_ids(ids), fletcher32=True)
-            for name, values in _columns(labels, split, views).items():
-                f.create_dataset(name, data=values, fletcher32=True)
-            f.create_dataset(S.STATUS, shape=(meta.n,), dtype="uint8", fillvalue=S.STATUS_PENDING, fletcher32=True,
-                             chunks=(max(1, min(meta.n, meta.shard_size)),))
-            f.attrs[S.SKIPPED_ATTR] = "{}"
-            f.attrs[S.OVERFLOW_ATTR] = "{}"
-            f.attrs[S.META_ATTR] = json.dumps(meta.to_dict())
-        return cls(path, "r+")
-
-    def read(self, name, start, stop):
-        return self.file[name][start:stop]
-
-    def read_all(self, name):
-        ds = self.file[name]
-        return ds.asstr()[:] if ds.dtype.kind == "O" else ds[:]  # schema 1 stored ids as strings
-
-    def array_info(self, name):
-        ds = self.file[name]
-        return tuple(ds.shape), ds.dtype
-
-    def attr(self, key, default=None):
-        raw = self.file.attrs.get(key)
-        return default if raw is None else json.loads(raw)
-
-    def _write_arrays(self, start, stop, arrays):
-        for name, value in arrays.items():
-            self.file[name][start:stop] = _stacked(value)
-
-    def _set_attrs(self, updates):
-        for key, value in updates.items():
-            self.file.attrs[key] = json.dumps(value)
-
-    def _write_status(self, start, stop, status):
-        self.file[S.STATUS][start:stop] = status
-        self.file.flush()
-
-    def close(self):
-        if self.file.id.valid:
-            self.file.close()
-
-
-_BACKENDS: dict[str, type[CacheStore]] = {"zarr": ZarrCacheStore, "hdf5": H5CacheStore}
 
 
 def open_cache(path: str | os.PathLike, mode: str = "r", fmt: str | None = None) -> CacheStore:
@@ -542,3 +270,10 @@ def remove_cache(path: Path | str) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+# The backends subclass CacheStore and use the helpers above, so they are imported last.
+from .h5_store import H5CacheStore  # noqa: E402
+from .zarr_store import ZarrCacheStore  # noqa: E402
+
+_BACKENDS: dict[str, type[CacheStore]] = {"zarr": ZarrCacheStore, "hdf5": H5CacheStore}
