@@ -30,20 +30,23 @@ from featrecon.train import TrainConfig, decoder_config, fit, resolve, train_ind
 
 log = logging.getLogger("benchmarks.quality")
 
-VARIANTS = {  # every variant standardises its input channels (input_norm) unless it says otherwise
+VARIANTS = {  # changes from the defaults; every variant standardises its inputs unless it says otherwise
     "the defaults": dict(),
     "res_scale 0.1 (EDSR's)": dict(res_scale=0.1),
     "width 128, crop 112 (layer1: a 64-channel body)": dict(width=128, crop=112),
+    "batch 16": dict(batch_size=16),
+    "batch 16, lr 1e-3": dict(batch_size=16, lr=1e-3),
     "lr 1e-3": dict(lr=1e-3),
-    "batch 8": dict(batch_size=8),
     "depth 2": dict(depth=2),
     "l1 loss": dict(loss="l1"),
     "mse+ssim loss": dict(loss="mse+ssim"),
     "whole images": dict(crop=0),
     "upconv, crop 112": dict(arch="upconv", crop=112, width=128),
     "edsr, crop 112, res_scale 0.1": dict(arch="edsr", crop=112, width=128, res_scale=0.1),
-    "first release: upconv, whole images, raw inputs": dict(arch="upconv", crop=0, width=128, input_norm=False),
-    "first espcn defaults: res_scale 0.1, width 128, crop 112": dict(res_scale=0.1, width=128, crop=112),
+    "first release: upconv, whole images, raw inputs, batch 16": dict(arch="upconv", crop=0, width=128, input_norm=False,
+                                                                      batch_size=16),
+    "first espcn defaults: res_scale 0.1, width 128, crop 112, batch 16": dict(res_scale=0.1, width=128, crop=112,
+                                                                               batch_size=16),
     "crop 64, width 256": dict(crop=64, width=256),
 }
 
