@@ -93,7 +93,7 @@ class Cache:
         try:
             out = self._store.read_rows(name, [idx] if single else idx)
         except CorruptChunk as e:
-            raise FeatreconError(f"{self.path}: {e.array}, sample {e.sample}: {e.why}; run "
+            raise FeatreconError(f"{self.path}: {self._store.where(e)}: {e.why}; run "
                                  f"`featrecon verify {self.path} --repair`") from None
         return out[0] if single else out
 

@@ -174,12 +174,8 @@ class CacheLoader:
                 log.warning("%s", self._corrupt(e, skipped=True))
 
     def _corrupt(self, e: CorruptChunk, skipped: bool = False) -> FeatreconError:
-        try:
-            sample_id = self.store.ids()[e.sample]
-        except Exception:  # the ids themselves may be what is damaged
-            sample_id = "?"
         return FeatreconError(
-            f"{self.path}: {e.array}, sample {e.sample} ({sample_id}): {e.why}; "
+            f"{self.path}: {self.store.where(e)}: {e.why}; "
             + ("left out (--skip-corrupt); " if skipped else "")
             + f"the cache is damaged: run `featrecon verify {self.path} --repair`, then the original "
             "extract-features command again" + ("" if skipped else " (or pass --skip-corrupt to leave such samples out)"))

@@ -167,6 +167,14 @@ class CacheStore(ABC):
     def ids(self) -> list[str]:
         return S.decode_ids(self.read_all(S.IDS))
 
+    def where(self, e: CorruptChunk) -> str:
+        """A damaged chunk's place for an error message: its array, sample index and id."""
+        try:
+            sample_id = self.ids()[e.sample]
+        except Exception:  # the ids themselves may be what is damaged
+            sample_id = "?"
+        return f"{e.array}, sample {e.sample} ({sample_id})"
+
     def centre(self) -> np.ndarray:
         """(N,) bool: the samples that are centre crops, the only ones scored or validated on
         (all of them in a cache without views)."""

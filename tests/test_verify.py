@@ -158,3 +158,15 @@ def test_xarray_opens_the_cache_as_labelled_datasets(zarr_cache):
         assert set(feats.data_vars) == set(store.meta.layers)
         np.testing.assert_array_equal(feats["layer3"].values, store.read_all(S.feature_path("layer3")))
         np.testing.assert_array_equal(ns["holdout"].values, store.read_all(S.feature_path("layer3"))[split == 1])
+
+
+def test_the_api_names_a_damaged_sample_by_index_and_id(damaged):
+    import featrecon
+
+    with open_cache(damaged) as store:
+        i = int(T.validation_split(store, T.train_indices(store, False), 0.05)[0][0])
+        sample_id = store.ids()[i]
+    with featrecon.open_cache(damaged) as cache, pytest.raises(FeatreconError) as e:
+        cache.features("layer3", [i])
+    msg = str(e.value)
+    assert f"features/layer3, sample {i} ({sample_id})" in msg and f"featrecon verify {damaged} --repair" in msg
