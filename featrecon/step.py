@@ -158,7 +158,7 @@ def layer_strides(meta: S.CacheMeta, layers: tuple[str, ...]) -> list[int]:
 # 224-px image per step, four times the steps in the same time (on layer3, 64-px windows lost
 # 0.9 dB: too little context). Inputs at stride FINE_STRIDE or finer (stem, layer1) are decoded
 # at their own resolution, where the default width's stride-4 body (64 channels) held layer1 at
-# 24 dB; twice the width costs four times per pixel, which 64-px windows pay for (+1.0 dB on
+# 24 dB; twice the width costs four times per pixel, which 64-px windows pay for (+0.5 dB on
 # layer1 in the same time).
 AUTO_CROP = 112
 FINE_CROP = 64
