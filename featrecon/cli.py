@@ -96,6 +96,15 @@ def extract_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _auto_float(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number, or auto") from None
+
+
 def _auto_int(text: str) -> int | None:
     if text == "auto":
         return None
@@ -155,8 +164,9 @@ def train_parser() -> argparse.ArgumentParser:
                    "stage; halved per upsampling, down to width//8 (auto: 256 for inputs at stride 4 or finer, "
                    "stem and layer1, else 128)")
     p.add_argument("--depth", type=int, default=1, help="residual blocks per upsampling stage")
-    p.add_argument("--res-scale", type=float, default=1.0, help="edsr and espcn: scale of each residual branch "
-                   "before its skip (EDSR's large model used 0.1)")
+    p.add_argument("--res-scale", type=_auto_float, default=None, metavar="X|auto", help="edsr and espcn: scale of "
+                   "each residual branch before its skip (auto: 1 for inputs at stride 4 or finer, stem and layer1; "
+                   "0.1, EDSR's, deeper, where 1 was unstable)")
     p.add_argument("--arch", default="espcn", choices=["espcn", "edsr", "upconv"], help="decoder: "
                    "espcn (edsr's blocks down to stride 4, then one x4 sub-pixel head), edsr (no normalisation, "
                    "sub-pixel upsampling to full resolution, scaled residuals) or upconv (nearest upsampling, "

@@ -38,9 +38,8 @@ class DecoderConfig:
     depth: int = 1  # residual blocks per upsampling stage (and in the input-resolution body)
     base_width: int = 32  # channels at full resolution
     arch: str = "upconv"  # "edsr" or "upconv"; checkpoints written before `arch` existed are upconv
-    # edsr, espcn: residual branch scaling. EDSR used 0.1 for its 256-channel, 32-block model;
-    # our decoders have 2-4 blocks, and 0.1 slowed them down (layer1: 23.1 dB at the end of 8
-    # epochs, 23.7 with 1.0 after epoch 8 of 11). Checkpoints record their own.
+    # edsr, espcn: residual branch scaling (EDSR used 0.1 for its 32-block model). Training sets
+    # it per input (train.resolve: 1 for stem and layer1, 0.1 deeper); checkpoints record theirs.
     res_scale: float = 1.0
     input_norm: bool = False  # standardise each input channel by the training set's mean and std (set by `fit`)
 

@@ -32,7 +32,8 @@ from .evaluate import evaluate
 from .loader import CacheLoader
 # The step lives in `step`; its names are re-exported here, where callers of the stage look for them.
 from .step import (COMPILE_CHOICES, PRECISIONS, Diverged, Step, StepSettings, auto_crop, auto_width,  # noqa: F401
-                   check_crop, compute_loss, device_batches, layer_strides, random_crop, step_settings, to_device)
+                   auto_res_scale, check_crop, compute_loss, device_batches, layer_strides, random_crop, step_settings,
+                   to_device)
 from .storage import CacheStore, open_cache
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class TrainConfig:
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine to zero
     width: int | None = None  # widest decoder stage, full resolution gets width // 8; None: auto (auto_width)
     depth: int = 1  # residual blocks per stage
-    res_scale: float = 1.0  # edsr and espcn: each residual branch is scaled by this before its skip
+    res_scale: float | None = None  # edsr, espcn: residual branch scale before its skip; None: auto (auto_res_scale)
     arch: str = "espcn"  # decoder: espcn, edsr or upconv (see decoders; benchmarks/QUALITY.md ranks them)
     input_norm: bool = True  # standardise each input channel by the training features' mean and std
     loss: str = "mse"  # mse, l1, or mse+ssim: MSE + ssim_weight * (1 - SSIM)
@@ -95,7 +96,8 @@ class TrainConfig:
                   ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
                   ("--warmup", self.warmup, 0 <= self.warmup < 1, "must be in [0, 1): a share of all steps"),
                   ("--width", self.width, self.width is None or self.width >= 8, "must be auto or at least 8"),
-                  ("--res-scale", self.res_scale, 0 < self.res_scale <= 1, "must be in (0, 1]"),
+                  ("--res-scale", self.res_scale, self.res_scale is None or 0 < self.res_scale <= 1,
+                   "must be auto or in (0, 1]"),
                   ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
                   ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
                   ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
@@ -259,10 +261,11 @@ def _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch, best, history) -
 
 
 def resolve(cfg: TrainConfig, meta: S.CacheMeta) -> TrainConfig:
-    """cfg with its auto settings (crop, width, lr) set for the cache's layers; a run records them
+    """cfg with its auto settings (crop, width, res_scale, lr) set for the cache's layers; a run records them
     resolved, in config.json and the checkpoint."""
     strides = layer_strides(meta, cfg.layers)
-    auto = {"crop": auto_crop(strides, meta.image_shape[1]), "width": auto_width(strides), "lr": DEFAULT_LR[cfg.arch]}
+    auto = {"crop": auto_crop(strides, meta.image_shape[1]), "width": auto_width(strides),
+            "res_scale": auto_res_scale(strides), "lr": DEFAULT_LR[cfg.arch]}
     return replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) is None})
 
 

@@ -55,7 +55,7 @@ TRAIN = [
     (["--weight-decay", "-1"], "--weight-decay -1.0: must be 0 or more"),
     (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
     (["--width", "4"], "--width 4: must be auto or at least 8"),
-    (["--res-scale", "0"], "--res-scale 0.0: must be in (0, 1]"),
+    (["--res-scale", "0"], "--res-scale 0.0: must be auto or in (0, 1]"),
     (["--depth", "-1"], "--depth -1: must be 0 or more"),
     (["--loss", "huber"], "argument --loss: invalid choice: 'huber'"),
     (["--eval-samples", "0"], "--eval-samples 0: must be at least 1"),

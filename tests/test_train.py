@@ -320,17 +320,20 @@ def test_auto_crop_is_about_112_pixels_in_whole_cells_of_the_coarsest_layer_64_a
 
 def test_resolve_sets_only_the_auto_settings_per_layer(zarr_cache):
     assert [T.auto_width([s]) for s in (2, 4, 8, 32)] == [256, 256, 128, 128] and T.auto_width([4, 16]) == 128
+    assert [T.auto_res_scale([s]) for s in (2, 4, 8, 32)] == [1.0, 1.0, 0.1, 0.1] and T.auto_res_scale([4, 16]) == 0.1
     with open_cache(zarr_cache) as store:
         meta = store.meta
     size = meta.image_shape[1]
     for layer in ("layer1", "layer3"):
         cfg = T.resolve(T.TrainConfig(cache=zarr_cache, layers=(layer,), out=Path("r")), meta)
         strides = T.layer_strides(meta, (layer,))
-        assert (cfg.crop, cfg.width, cfg.lr) == (T.auto_crop(strides, size), T.auto_width(strides), T.DEFAULT_LR["espcn"])
+        assert (cfg.crop, cfg.width, cfg.res_scale, cfg.lr) == (
+            T.auto_crop(strides, size), T.auto_width(strides), T.auto_res_scale(strides), T.DEFAULT_LR["espcn"])
         dcfg = T.decoder_config(cfg, meta)
         assert (dcfg.width, dcfg.base_width, dcfg.res_scale, dcfg.in_shapes) == (
-            cfg.width, cfg.width // 8, 1.0, (tuple(meta.layers[layer]),))
-    given = T.TrainConfig(cache=zarr_cache, layers=("layer1",), out=Path("r"), crop=16, width=24, lr=1e-3, arch="edsr")
+            cfg.width, cfg.width // 8, cfg.res_scale, (tuple(meta.layers[layer]),))
+    given = T.TrainConfig(cache=zarr_cache, layers=("layer1",), out=Path("r"), crop=16, width=24, lr=1e-3, arch="edsr",
+                          res_scale=0.5)
     assert T.resolve(given, meta) == given  # what the user set stays
 
 
