@@ -96,24 +96,20 @@ def extract_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _auto_float(text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number, or auto") from None
+def _or_auto(convert, what: str):
+    """An argparse type: "auto" gives None (the setting is resolved later), else convert(text)."""
+    def parse(text: str):
+        if text == "auto":
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, or auto") from None
+    return parse
 
 
-def _auto_int(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, or auto") from None
-
-
+_auto_int = _or_auto(int, "a whole number")
+_auto_float = _or_auto(float, "a number")
 _views = _auto_int
 
 
