@@ -3,8 +3,8 @@ variant and layer, holdout PSNR/SSIM from `score`.
 
     python -m benchmarks.quality --cache CACHE --layers layer1,layer3 --minutes 10 --out benchmarks/quality
 
-Each variant's step rate is timed first (a few steps on its own decoder), and its
-epochs are set so that training fills the budget; the epochs actually run and their
+Each variant's epoch is costed first (a few steps on its own decoder and one validation
+pass), and its epochs are set so that training fills the budget; the epochs actually run and their
 seconds are in the table. Writes `QUALITY.md`-style markdown, metrics.json and the
 score report (grid.png) of the best variant per layer.
 """
@@ -25,7 +25,7 @@ import torch
 
 from featrecon.backbone import resolve_device
 from featrecon.decoders import Decoder
-from featrecon.evaluate import ScoreConfig, score
+from featrecon.evaluate import ScoreConfig, evaluate, score
 from featrecon.loader import CacheLoader
 from featrecon.step import Step, layer_strides, step_settings
 from featrecon.storage import open_cache
@@ -62,13 +62,17 @@ VARIANTS = {  # changes from the defaults; every variant standardises its inputs
 }
 
 
-def step_rate(cfg: TrainConfig, batches: int = 16) -> float:
-    """Training samples/s of cfg's decoder as fit runs it (loader, windows, step) on `batches` of the
-    cache's training samples: one pass to warm up, one timed. (A step on random tensors alone ran
-    ~15% faster than the real epochs, and the budgets overran by as much.)"""
+def epoch_cost(cfg: TrainConfig, batches: int = 16) -> tuple[float, float]:
+    """(training samples/s, seconds of one validation pass) of cfg's decoder as fit runs them: the
+    loader, windows and step on `batches` of the cache's training samples (one pass to warm up, one
+    timed), then `evaluate` on the validation images. (A step on random tensors alone ran ~15% faster
+    than the real epochs, and a validation pass costed as a third of a step per window left out its
+    SSIM: the budgets overran by as much.)"""
     with open_cache(cfg.cache) as store:
         meta = store.meta
-        idx = train_indices(store, False)[: batches * cfg.batch_size]
+        trained, val = validation_split(store, train_indices(store, False), cfg.val_fraction)
+    idx = trained[: batches * cfg.batch_size]
+    val = np.sort(np.random.default_rng(cfg.seed).choice(val, min(cfg.eval_samples, len(val)), replace=False))
     cfg = replace(resolve(cfg, meta), progress=False)
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
@@ -77,29 +81,29 @@ def step_rate(cfg: TrainConfig, batches: int = 16) -> float:
     step = Step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), cfg, device,
                 step_settings(cfg, device))
     loader = CacheLoader(cfg.cache, cfg.layers, idx, cfg.batch_size, shuffle=True, seed=0, in_memory=True)
+    val_loader = CacheLoader(cfg.cache, cfg.layers, val, cfg.batch_size, shuffle=False, in_memory=True)
     try:
         strides = layer_strides(meta, cfg.layers)
         train_one_epoch(step, loader, 0, cfg, device, strides)
-        return train_one_epoch(step, loader, 1, cfg, device, strides)["samples_per_s"]
+        rate = train_one_epoch(step, loader, 1, cfg, device, strides)["samples_per_s"]
+        t0 = time.perf_counter()
+        if len(val):
+            evaluate(model, val_loader, device, exact=False)
+        return rate, time.perf_counter() - t0
     finally:
         loader.close()
+        val_loader.close()
 
 
 def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: float, out: Path,
                 epochs: int | None = None) -> dict:
-    """Train one variant for `minutes` (epochs estimated from its step rate), or for `epochs`."""
+    """Train one variant for `minutes` (epochs estimated from its epoch cost), or for `epochs`."""
     cfg = TrainConfig(cache=cache, layers=tuple(layer.split("+")), out=out, progress=False, **settings)
     with open_cache(cache) as store:
-        n_train = len(train_indices(store, False))
         cfg = resolve(cfg, store.meta)  # as fit resolves it
-    rate = step_rate(cfg)
-    # Per epoch: the train split, plus the evaluation of the validation images: whole images, forward
-    # only (~1/3 of a step), (size / crop)^2 windows' worth each.
-    with open_cache(cache) as store:
-        size = store.meta.image_shape[1]
-        n_val = len(validation_split(store, train_indices(store, False), cfg.val_fraction)[1])
-    windows = (size / cfg.crop) ** 2 if cfg.crop else 1.0
-    per_epoch = (n_train - n_val + min(cfg.eval_samples, n_val) * windows / 3) / rate
+        n_trained = len(validation_split(store, train_indices(store, False), cfg.val_fraction)[0])
+    rate, val_seconds = epoch_cost(cfg)
+    per_epoch = n_trained / rate + val_seconds
     epochs = epochs or max(1, math.floor(minutes * 60 / per_epoch))
     cfg = replace(cfg, epochs=epochs)
     shutil.rmtree(out, ignore_errors=True)
@@ -108,7 +112,7 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
     seconds = time.perf_counter() - t0
     log.info("%s / %s: %d epochs in %.0f s (budget %.0f s)", layer, name, epochs, seconds, minutes * 60)
     return {"layer": layer, "variant": name, "settings": settings, "epochs": epochs, "train_seconds": seconds,
-            "step_rate": rate}
+            "step_rate": rate, "validation_seconds": val_seconds}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -156,6 +156,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 for espcn and edsr, 2e-3 for upconv)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.05, help="share of all steps spent warming up the learning rate")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient's global norm to this before each "
+                   "step (0: no clipping)")
     p.add_argument("--width", type=_auto_int, default=None, metavar="N|auto", help="channels of the widest (coarsest) "
                    "stage; halved per upsampling, down to width//8 (auto: 256 for inputs at stride 4 or finer, "
                    "stem and layer1, else 128)")
@@ -205,7 +207,7 @@ def _train(args: argparse.Namespace) -> None:
     out = args.out or (Path("runs") if each else Path("runs") / "+".join(layers))
     (fit_each if each else fit)(TrainConfig(
         cache=args.cache, layers=layers, out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, width=args.width, depth=args.depth, res_scale=args.res_scale,
+        weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, width=args.width, depth=args.depth, res_scale=args.res_scale,
         arch=args.arch,
         input_norm=not args.no_input_norm, loss=args.loss, seed=args.seed, device=args.device,
         precision=args.precision, compile=args.compile, in_memory=args.in_memory, prefetch=args.prefetch, read_threads=args.read_threads,

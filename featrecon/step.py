@@ -143,6 +143,8 @@ class Step:
         if not torch.isfinite(loss):
             raise Diverged(f"loss became {loss.item()}")
         loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         return loss

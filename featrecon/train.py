@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ class TrainConfig:
     lr: float | None = None  # peak AdamW learning rate; None: the arch's own (DEFAULT_LR)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine to zero
+    grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0: no clipping
     width: int | None = None  # widest decoder stage, full resolution gets width // 8; None: auto (auto_width)
     depth: int = 1  # residual blocks per stage
     res_scale: float | None = None  # edsr, espcn: residual branch scale before its skip; None: auto (auto_res_scale)
@@ -91,6 +92,8 @@ class TrainConfig:
         """One clear error for the first bad setting, before anything is read or built."""
         checks = [("--epochs", self.epochs, self.epochs >= 1, "must be at least 1"),
                   ("--batch-size", self.batch_size, self.batch_size >= 1, "must be at least 1"),
+                  ("--grad-clip", self.grad_clip, self.grad_clip >= 0 and math.isfinite(self.grad_clip),
+                   "must be 0 (off) or a positive number"),
                   ("--lr", self.lr, self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
                    "must be a positive number"),
                   ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
@@ -239,7 +242,9 @@ def _check_run_folder(cfg: TrainConfig, fp: str) -> dict | None:
         raise FeatreconError(f"--resume: {last} was trained on features with fingerprint {ckpt['fingerprint']}, "
                              f"this cache gives {fp} (other weights, preprocessing or layer shapes)")
     old, new = ckpt["train_config"], cfg.to_dict()
-    diffs = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    # A setting added after the run was written (grad_clip) is read as its default, which the run trained with.
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    diffs = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k]]
     if diffs:
         raise FeatreconError(f"--resume: settings differ from the run in {cfg.out} ({', '.join(diffs)}); "
                              "use the same settings, or another --out")
@@ -354,7 +359,7 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
             stats = train_one_epoch(step, loader, epoch, cfg, device, strides, group)
             scores = None
             if group.main:  # rank 0 validates; every rank takes its numbers, so all stop at the same epoch
-                ev = evaluate(model, eval_loader, device)
+                ev = evaluate(model, eval_loader, device, exact=False)  # float32 SSIM: a monitor
                 scores = (float(np.mean(ev["psnr"])), float(np.mean(ev["ssim"]))) if len(ev["psnr"]) else None
             scores = group.broadcast(scores)
             if scores is None:  # every evaluation sample left out as corrupt

@@ -129,6 +129,13 @@ def test_refusals(zarr_cache, photos24, tmp_path):
         T.fit(tcfg(zarr_cache, tmp_path / "b", epochs=1))
     with pytest.raises(FeatreconError, match="settings differ.*lr"):
         T.fit(tcfg(zarr_cache, tmp_path / "b", epochs=1, lr=1e-4, resume=True))
+    with pytest.raises(FeatreconError, match=r"settings differ.*\(grad_clip\)"):
+        T.fit(tcfg(zarr_cache, tmp_path / "b", epochs=1, grad_clip=1.0, resume=True))
+    # A run written before --grad-clip existed has no such key: it trained without clipping, and resumes.
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    del ckpt["train_config"]["grad_clip"]
+    torch.save(ckpt, tmp_path / "b" / "last.pt")
+    assert T.fit(tcfg(zarr_cache, tmp_path / "b", epochs=1, resume=True))["epoch"] == 1
     other = build_cache(tmp_path / "other.zarr", photos24, weights="random:1", layers="layer1", holdout_fraction=0.25)
     with pytest.raises(FeatreconError, match="fingerprint"):
         T.fit(tcfg(other, tmp_path / "b", epochs=1, resume=True))
@@ -345,3 +352,27 @@ def test_too_few_validation_images_are_not_kept_out(zarr_cache):
         train, val = T.validation_split(store, idx, 0.05)
         assert len(val) == 0 and np.array_equal(train, idx)
         assert len(T.validation_split(store, idx, 0.3)[1]) >= 1
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_grad_clip_bounds_the_gradient_each_step_takes(clip):
+    from featrecon.step import Step, StepSettings
+
+    class OneLayer(torch.nn.Module):  # a decoder's interface: a list of feature maps in, an image out
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+        def forward(self, feats):
+            return self.conv(feats[0])
+
+    torch.manual_seed(0)
+    model = OneLayer()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    cfg = T.TrainConfig(cache=Path("unused"), layers=("layer1",), out=Path("unused"), grad_clip=clip)
+    step = Step(model, opt, sched, cfg, torch.device("cpu"),
+                StepSettings(autocast=False, channels_last=False, compile=False, fused_adamw=False))
+    step([torch.randn(2, 4, 8, 8) * 10], torch.rand(2, 3, 8, 8))
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert (norm <= clip * (1 + 1e-5)) if clip else (norm > 1e-2)
