@@ -198,7 +198,7 @@ def test_step_settings_refuse_unknown_choices(zarr_cache, tmp_path, setting, val
 
 def test_cpu_defaults_are_the_measured_ones():
     s = T.step_settings(T.TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cpu"))
-    assert s == T.StepSettings(autocast=False, channels_last=False, compile=False, fused_adamw=False)
+    assert s == T.StepSettings(autocast=False, channels_last=True, compile=False, fused_adamw=False)
     s = T.step_settings(T.TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cuda"))
     assert s == T.StepSettings(autocast=True, channels_last=True, compile=True, fused_adamw=True)
 
