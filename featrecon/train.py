@@ -198,7 +198,11 @@ def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfi
     t0 = time.perf_counter()
     bar = tqdm(total=len(loader) * loader.batch_size if loader.world > 1 else len(loader.indices), unit="sample",
                desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or loader.rank > 0, leave=False)
-    batches = device_batches(loader.epoch(epoch), device, step.settings.channels_last)
+    window = None
+    if cfg.crop and cfg.crop < loader.shapes[S.IMAGES][0][-1]:  # the window depends only on (seed, epoch, step)
+        def window(i, feats, images):
+            return random_crop(feats, images, cfg.crop, strides, np.random.default_rng([cfg.seed, epoch, i]))
+    batches = device_batches(loader.epoch(epoch), device, step.settings.channels_last, window)
     while True:
         tw = time.perf_counter()
         item = next(batches, None)
@@ -206,9 +210,6 @@ def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfi
         if item is None:
             break
         _, feats, target = item
-        if cfg.crop and cfg.crop < target.shape[-1]:  # the window depends only on (seed, epoch, step)
-            rng = np.random.default_rng([cfg.seed, epoch, steps])
-            feats, target = random_crop(feats, target, cfg.crop, strides, rng)
         try:
             loss = step(feats, target)
         except Diverged as e:
