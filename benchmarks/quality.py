@@ -64,8 +64,8 @@ VARIANTS = {  # changes from the defaults; every variant standardises its inputs
 }
 
 
-def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float]:
-    """(training samples/s, seconds of one validation pass) of cfg's decoder as fit runs them: the
+def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
+    """(training samples/s, seconds of one validation pass, samples trained on per epoch) of cfg's decoder as fit runs them: the
     loader, windows and step on `batches` of the cache's training samples (one pass to warm up, one
     timed), then `evaluate` on the validation images. (A step on random tensors alone ran ~15% faster
     than the real epochs, and a validation pass costed as a third of a step per window left out its
@@ -94,11 +94,11 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float]:
         train_one_epoch(step, loader, 0, cfg, device, strides)
         rate = train_one_epoch(step, loader, 1, cfg, device, strides)["samples_per_s"]
         if not len(val):
-            return rate, 0.0
+            return rate, 0.0, len(trained)
         evaluate(model, val_loader, device, exact=False)  # the first pass also loads the images into RAM
         t0 = time.perf_counter()
         evaluate(model, val_loader, device, exact=False)
-        return rate, time.perf_counter() - t0
+        return rate, time.perf_counter() - t0, len(trained)
     finally:
         loader.close()
         val_loader.close()
@@ -110,8 +110,7 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
     cfg = TrainConfig(cache=cache, layers=tuple(layer.split("+")), out=out, progress=False, **settings)
     with open_cache(cache) as store:
         cfg = resolve(cfg, store.meta)  # as fit resolves it
-        n_trained = len(validation_split(store, train_indices(store, False), cfg.val_fraction)[0])
-    rate, val_seconds = epoch_cost(cfg)
+    rate, val_seconds, n_trained = epoch_cost(cfg)
     per_epoch = n_trained / rate + val_seconds
     epochs = epochs or max(1, math.floor(minutes * 60 / per_epoch))
     cfg = replace(cfg, epochs=epochs)

@@ -48,7 +48,7 @@ class ScoreConfig:
 
 def measure(pred: torch.Tensor, target: torch.Tensor, exact: bool = True) -> dict[str, np.ndarray]:
     """Per-image metrics of [0, 1] images (B, 3, H, W). SSIM in float64 when `exact` (what
-    `score` reports, scikit-image's to 1e-6), else in float32 (within 1e-4 of it, tested):
+    `score` reports, scikit-image's to 1e-12), else in float32 (within 1e-4 of it, tested):
     on a CPU float64 convolutions have no fast kernel, and the float64 SSIM of the
     validation images took 40% of a layer1 decoder's training time (its convolutions then)."""
     check_unit_range(pred, target)

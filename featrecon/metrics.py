@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
