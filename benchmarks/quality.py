@@ -26,12 +26,13 @@ import torch
 from featrecon.backbone import resolve_device
 from featrecon.decoders import Decoder
 from featrecon.evaluate import ScoreConfig, evaluate, score
-from featrecon.loader import CacheLoader, available_memory, bytes_per_sample
+from featrecon.loader import CacheLoader, fits_in_memory
 from featrecon.step import Step, layer_strides, step_settings
 from featrecon.storage import open_cache
 from featrecon.train import (
     TrainConfig,
     decoder_config,
+    evaluation_indices,
     fit,
     resolve,
     train_indices,
@@ -74,7 +75,7 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
         meta = store.meta
         trained, val = validation_split(store, train_indices(store, False), cfg.val_fraction)
     idx = trained[: batches * cfg.batch_size]
-    val = np.sort(np.random.default_rng(cfg.seed).choice(val, min(cfg.eval_samples, len(val)), replace=False))
+    val = evaluation_indices(val, cfg)
     cfg = replace(resolve(cfg, meta), progress=False)
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
@@ -84,8 +85,7 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
                 step_settings(cfg, device))
     # Read as fit will read the whole train split: from RAM when it fits, else streamed (a K = 16 views
     # cache costed in RAM and streamed in training overran its budget by 18%).
-    in_memory = {"yes": True, "no": False}.get(cfg.in_memory, len(trained) * bytes_per_sample(meta, cfg.layers)
-                                                < 0.3 * available_memory())
+    in_memory = {"yes": True, "no": False}.get(cfg.in_memory, fits_in_memory(meta, cfg.layers, len(trained)))
     loader = CacheLoader(cfg.cache, cfg.layers, idx, cfg.batch_size, shuffle=True, seed=0, in_memory=in_memory,
                          reuse_buffers=True)
     val_loader = CacheLoader(cfg.cache, cfg.layers, val, cfg.batch_size, shuffle=False, in_memory=True)

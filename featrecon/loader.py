@@ -61,6 +61,11 @@ def bytes_per_sample(meta: S.CacheMeta, layers: tuple[str, ...]) -> int:
     return feats + int(np.prod(meta.image_shape))
 
 
+def fits_in_memory(meta: S.CacheMeta, layers: tuple[str, ...], n: int) -> bool:
+    """in_memory="auto": n samples of these layers take under 30% of the memory available now."""
+    return n * bytes_per_sample(meta, layers) < 0.3 * available_memory()
+
+
 REMOTE_THREADS = 32  # shard reads in flight on an object store
 
 
@@ -119,7 +124,7 @@ class CacheLoader:
         layout = meta.sample_arrays()
         self.shapes = {n: layout[n] for n in self.names}  # name -> (per-sample shape, dtype) of what is read
         if in_memory == "auto":
-            in_memory = len(self.indices) * bytes_per_sample(meta, self.layers) < 0.3 * available_memory()
+            in_memory = fits_in_memory(meta, self.layers, len(self.indices))
         self.in_memory = bool(in_memory)
         self._ram: dict[str, torch.Tensor] | None = None
         shard_of = self.indices // meta.shard_size

@@ -158,6 +158,11 @@ def validation_split(store: CacheStore, idx: np.ndarray, fraction: float) -> tup
     return idx[~in_val], idx[in_val & store.centre()[idx]]
 
 
+def evaluation_indices(pick_from: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """The samples of the per-epoch validation: at most cfg.eval_samples of `pick_from`, a fixed choice by seed."""
+    return np.sort(np.random.default_rng(cfg.seed).choice(pick_from, min(cfg.eval_samples, len(pick_from)), replace=False))
+
+
 def channel_stats(cache: Path, layers: tuple[str, ...], idx: np.ndarray, dcfg: DecoderConfig, seed: int,
                   samples: int = 256, skip_corrupt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the fused decoder input over up to `samples` training
@@ -194,7 +199,7 @@ def lr_lambda(total_steps: int, warmup: float):
 def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfig, device,
                     strides: list[int] | None = None, group: Group | None = None) -> dict:
     step.model.train()
-    total, n, wait, steps = 0.0, 0, 0.0, 0
+    total, n, wait = 0.0, 0, 0.0
     t0 = time.perf_counter()
     bar = tqdm(total=len(loader) * loader.batch_size if loader.world > 1 else len(loader.indices), unit="sample",
                desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or loader.rank > 0, leave=False)
@@ -215,7 +220,6 @@ def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfi
         except Diverged as e:
             raise Diverged(f"{e} at epoch {epoch + 1}") from None
         total += loss.item() * len(target)
-        steps += 1
         n += len(target)
         bar.update(len(target))
         bar.set_postfix(loss=f"{total / n:.4f}")
@@ -333,8 +337,7 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
     # best.pt is chosen on validation images, never trained on; with too few images to spare
     # one, on a fixed subset of the training images (and the metrics say so).
     pick_from, eval_on = (val_idx, "validation") if len(val_idx) else (idx[store.centre()[idx]], "train subset")
-    eval_idx = np.sort(np.random.default_rng(cfg.seed).choice(pick_from, min(cfg.eval_samples, len(pick_from)),
-                                                              replace=False))
+    eval_idx = evaluation_indices(pick_from, cfg)
     eval_loader = CacheLoader(cfg.cache, layers, eval_idx, cfg.batch_size, shuffle=False, in_memory=True,
                               skip_corrupt=cfg.skip_corrupt)
     start, best, history = 0, -math.inf, []
