@@ -24,7 +24,7 @@ import torch
 
 from . import FeatreconError
 from . import schema as S
-from .checkpoint import decoder_from_checkpoint, load_checkpoint
+from .checkpoint import decoder_from_checkpoint, load_checkpoint, run_checkpoint
 from torch import nn
 from .storage import CacheStore
 from .storage import open_cache as _open_store
@@ -123,12 +123,12 @@ def load_decoder(run: str | os.PathLike, device: str | torch.device = "cpu", cac
     features (weights, preprocessing or layer shapes). The checkpoint's contents are on
     `decoder.checkpoint` (config, layers, epoch, history), its config on `decoder.cfg`."""
     path = Path(run)
-    if path.is_dir():
-        chosen = path / f"{which}.pt"
-        path = chosen if chosen.exists() else path / "last.pt"
-    if not path.is_file():
+    if path.is_dir() and ((path / f"{which}.pt").exists() or (path / "last.pt").exists()):
+        path, ckpt = run_checkpoint(path, which)  # never a best.pt that a kill left behind
+    elif path.is_file():
+        ckpt = load_checkpoint(path)
+    else:
         raise FeatreconError(f"{run}: no checkpoint here (expected a run folder with {which}.pt or a .pt file)")
-    ckpt = load_checkpoint(path)
     if cache is not None:
         meta = cache.meta if isinstance(cache, Cache) else _open_store(cache).meta
         missing = [l for l in ckpt["layers"] if l not in meta.layers]
@@ -137,7 +137,7 @@ def load_decoder(run: str | os.PathLike, device: str | torch.device = "cpu", cac
                                  f"({'missing layers ' + ', '.join(missing) if missing else 'fingerprints differ'}); "
                                  "use it with a cache from the same weights, preprocessing and layers")
     model = decoder_from_checkpoint(ckpt).to(device)
-    model.checkpoint = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler")}
+    model.checkpoint = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "best_model")}
     return model
 
 

@@ -281,15 +281,9 @@ def _verify(args: argparse.Namespace) -> int:
         raise FeatreconError(f"--threads {args.threads}: must be at least 1")
     report = verify(args.cache, threads=args.threads, progress=not args.no_progress, repair=args.repair)
     print(report.summary())
-    if report.repaired_shards:
-        print(f"marked {len(report.repaired_shards)} shard(s) pending ({', '.join(map(str, report.repaired_shards[:20]))}"
-              f"{', ...' if len(report.repaired_shards) > 20 else ''}); rerun the extract-features command that made "
-              f"{args.cache} to re-extract them")
-    elif not report.ok and args.repair:
-        print("nothing --repair can mark: the damage is not in a sample's data; rerun extract-features with --overwrite")
-    elif not report.ok:
-        print(f"to repair: featrecon verify {args.cache} --repair, then rerun the extract-features command that made it")
-    return 0 if report.ok or report.repaired_shards else 1
+    if not report.ok:
+        print(report.advice(args.repair))
+    return 0 if report.ok or (report.repaired_shards and not report.metadata_damaged) else 1
 
 
 def verify_main(argv: list[str] | None = None) -> int:

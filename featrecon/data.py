@@ -10,6 +10,7 @@ normalisation happens on the device, in `backbone.FeatureExtractor`.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import re
 import warnings
@@ -49,10 +50,13 @@ def discover_images(root: Path, limit: int | None = None, only: tuple[str, ...] 
         raise FeatreconError(f"--images {root}: folder does not exist")
     if not root.is_dir():
         raise FeatreconError(f"--images {root}: not a folder; point it at a folder of images")
+    # A link that leads nowhere (broken, or a loop) is kept: it is recorded as skipped with its
+    # reason, rather than silently left out.
     ids = sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and (only is None or p.name in only)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists()))
+        and (only is None or p.name in only)
     )
     if limit is not None:
         ids = ids[:limit]
@@ -172,7 +176,7 @@ class ImageError(Exception):
 
 
 def open_image(path: Path):
-    """Decode, apply EXIF orientation, make RGB: a PIL image."""
+    """Decode, apply EXIF orientation, make 8-bit RGB: a PIL image."""
     from PIL import Image, ImageOps
 
     try:
@@ -180,11 +184,46 @@ def open_image(path: Path):
             warnings.simplefilter("ignore")  # palette transparency, EXIF oddities
             with Image.open(path) as im:
                 im.load()
-                return ImageOps.exif_transpose(im).convert("RGB")  # grayscale, CMYK, palette, alpha -> RGB
+                return to_rgb8(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
     except FileNotFoundError:
-        raise ImageError("file not found") from None
+        raise ImageError("file not found (or a broken link)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError("a symbolic link loop") from None
+        raise ImageError(f"{type(e).__name__}: {e}") from None
     except Exception as e:  # UnidentifiedImageError, truncated data, decompression bomb, ...
         raise ImageError(f"{type(e).__name__}: {e}") from None
+
+
+# PIL's high-bit-depth single-channel modes. `convert("RGB")` clips them at 255 (a 16-bit
+# ramp turns white) instead of scaling, so they are scaled to 8 bits here.
+_16_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb8(im):
+    """An 8-bit RGB PIL image of `im`: grayscale, CMYK, palette and alpha by PIL's conversion;
+    16-bit (I;16*, and I holding 0..65535) scaled by 255/65535 and rounded; float (F) in [0, 1]
+    scaled by 255. Integer or float images outside those ranges have no known white level and
+    are refused (ImageError)."""
+    from PIL import Image
+
+    if im.mode not in (*_16_BIT, "I", "F"):
+        return im.convert("RGB")
+    a = np.asarray(im)
+    if im.mode == "F":
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ImageError(f"32-bit float image with values in [{a.min():.3g}, {a.max():.3g}]: no known white "
+                             "level; save it as 8 or 16 bits per channel")
+        grey = np.rint(a.astype(np.float64) * 255)
+    else:
+        a = a.astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(f"32-bit integer image with values in [{a.min()}, {a.max()}]: no known white level; "
+                             "save it as 8 or 16 bits per channel")
+        grey = (a * 255 + 32767) // 65535  # round(v * 255 / 65535), exactly, in integers
+    return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
 
 
 def centre_crop(im, pre: Preprocessing) -> np.ndarray:

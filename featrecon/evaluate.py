@@ -10,6 +10,7 @@ mean-training-image baseline and writes metrics.json, report.md, PNGs and plots.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from . import FeatreconError, remote
 from . import schema as S
 from .backbone import resolve_device
-from .checkpoint import decoder_from_checkpoint, load_checkpoint, write_json
+from .checkpoint import decoder_from_checkpoint, load_checkpoint, run_checkpoint, write_json
 from .loader import CacheLoader
 from .metrics import check_unit_range, mse, psnr_from_mse, ssim, summarize
 from .storage import CacheStore, open_cache
@@ -100,24 +101,42 @@ def split_indices(store: CacheStore, split: str) -> np.ndarray:
     return idx
 
 
-def find_checkpoints(cfg: ScoreConfig) -> list[tuple[str, Path]]:
-    """(run name, checkpoint path) pairs."""
+def find_checkpoints(cfg: ScoreConfig) -> list[tuple[str, Path, dict]]:
+    """(run name, checkpoint path, contents) of every checkpoint to score: the explicit ones, or
+    each run folder's `which` under cfg.runs (never a stale best.pt: see `run_checkpoint`)."""
     if cfg.checkpoints:
         for p in cfg.checkpoints:
             if not p.is_file():
                 raise FeatreconError(f"--checkpoint {p}: file not found")
-        return [(p.parent.name if p.stem in ("best", "last") else p.stem, p) for p in cfg.checkpoints]
+        return [(p.resolve().parent.name if p.stem in ("best", "last") else p.stem, p, load_checkpoint(p))
+                for p in cfg.checkpoints]
     if not cfg.runs.is_dir():
         raise FeatreconError(f"--runs {cfg.runs}: folder not found; train a decoder first "
                              "(train-decoder --cache CACHE --layer layer3)")
     found = []
     for last in sorted(cfg.runs.rglob("last.pt")):
-        chosen = last.with_name(f"{cfg.which}.pt")
-        found.append((last.parent.relative_to(cfg.runs).as_posix() or last.parent.name, chosen if chosen.exists() else last))
+        name = last.parent.relative_to(cfg.runs).as_posix()
+        found.append((name if name != "." else last.parent.resolve().name, *run_checkpoint(last.parent, cfg.which)))
     if not found:
         raise FeatreconError(f"--runs {cfg.runs}: no checkpoints found (no */last.pt); "
                              "train one with train-decoder --cache CACHE --layer layer3")
     return found
+
+
+def safe_name(name: str) -> str:
+    """A run name as one folder name under the report: letters, digits and ._+- kept, anything else
+    (path separators, '..') replaced, so nothing is written outside --out."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]", "_", name).strip(".") or "run"
+    return cleaned
+
+
+def source_path(root, image_id: str):
+    """The original of `image_id` under the --images root (a folder or URL prefix), or None for an id
+    that is absolute or climbs out of it (a damaged or hostile cache): never read."""
+    parts = image_id.replace("\\", "/").split("/")
+    if not image_id or image_id.startswith("/") or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+        return None
+    return remote.join(root, image_id) if remote.is_url(root) else Path(root) / image_id
 
 
 def check_originals(store: CacheStore, idx: np.ndarray, root: Path | str, progress: bool) -> dict:
@@ -128,15 +147,20 @@ def check_originals(store: CacheStore, idx: np.ndarray, root: Path | str, progre
     from .data import ImageError, load_image
 
     ids = store.ids()
-    counts = {"checked": 0, "equal": 0, "missing": 0, "changed": 0, "unreadable": 0}
+    counts = {"checked": 0, "equal": 0, "missing": 0, "changed": 0, "unreadable": 0, "refused": 0}
     problems = {}
     for i in tqdm(idx.tolist(), desc="originals", unit="img", disable=not progress, leave=False):
         counts["checked"] += 1
+        source = source_path(root, ids[i])
+        if source is None:
+            counts["refused"] += 1
+            problems[ids[i]] = "refused: the id is absolute or leaves the images folder"
+            continue
         if remote.is_url(root):
-            raw = remote.read_bytes(remote.join(root, ids[i]))
+            raw = remote.read_bytes(source)
             path = io.BytesIO(raw) if raw is not None else None
         else:
-            path = root / ids[i] if (root / ids[i]).is_file() else None
+            path = source if source.is_file() else None
         if path is None:
             counts["missing"] += 1
             problems[ids[i]] = "missing"
@@ -212,7 +236,10 @@ def score(cfg: ScoreConfig) -> dict:
     store = open_cache(cfg.cache)
     try:
         idx = split_indices(store, cfg.split)
-        ckpts = [(name, path, _compatible(load_checkpoint(path), path, store)) for name, path in found]
+        ckpts = [(name, path, _compatible(ckpt, path, store)) for name, path, ckpt in found]
+        names = [safe_name(name) for name, _, _ in ckpts]
+        if len(set(names)) < len(names):
+            raise FeatreconError(f"two runs would share a report folder ({', '.join(names)}); score them separately")
         keep = set(idx[: max(0, cfg.save)].tolist())
         cfg.out.mkdir(parents=True, exist_ok=True)
         rows, recon, corrupt = [], {}, set()
@@ -225,7 +252,7 @@ def score(cfg: ScoreConfig) -> dict:
             corrupt |= loader.corrupt
             recon[name] = res["kept"]
             rows.append(_row(name, path, ckpt, res))
-            _save_pairs(store, cfg.out / _safe(name), res["kept"])
+            _save_pairs(store, cfg.out / safe_name(name), res["kept"])
         base, base_corrupt = score_baseline(store, idx, cfg.batch_size, cfg.skip_corrupt)
         corrupt |= base_corrupt
         scored = idx[~np.isin(idx, list(corrupt))]
@@ -258,10 +285,6 @@ def _row(name: str, path: Path, ckpt: dict, res: dict) -> dict:
             "parameters": ckpt.get("n_parameters", 0), "epochs": ckpt["epoch"], "n": int(len(res["index"])),
             **{k: summarize(res[k]) for k in METRICS},
             "per_image": {"index": res["index"].tolist(), **{k: res[k].tolist() for k in METRICS}}}
-
-
-def _safe(name: str) -> str:
-    return name.replace("/", "_")
 
 
 def _save_pairs(store: CacheStore, folder: Path, kept: dict[int, np.ndarray]) -> None:
@@ -317,7 +340,9 @@ def _write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baselin
                    f"as well as its centre crop (extract-features --views); only centre crops are scored.\n")
     orig = (f"\nOriginals re-read from `{cfg.images or meta.source_root}`: {originals['equal']} of "
             f"{originals['checked']} equal to the cached target, {originals['missing']} missing, "
-            f"{originals['changed']} changed, {originals['unreadable']} unreadable.\n")
+            f"{originals['changed']} changed, {originals['unreadable']} unreadable"
+            + (f", {originals['refused']} refused (ids outside the images folder)" if originals["refused"] else "")
+            + ".\n")
     if corrupt:
         orig += (f"\n**{len(corrupt)} damaged sample(s) left out** (--skip-corrupt; their stored chunks fail their "
                  f"checksum): {', '.join(map(str, corrupt[:20]))}. `featrecon verify {store.path} --repair` finds "

@@ -33,7 +33,8 @@ from .distributed import Group, join, leave
 from .data import (SAMPLE_IMAGES, ImageDataset, assign_split, collate_images, discover_images, labels_for,
                    sample_images_root)
 from .schema import CacheMeta, Codec
-from .storage import CacheStore, create_cache, format_for, open_cache
+from .lock import WriterLock
+from .storage import CACHE, CacheStore, check_replaceable, create_cache, format_for, open_cache
 # The writer thread and the forward engines have modules of their own; their names stay
 # importable from here, where the stage's callers look for them.
 from .forward import CompiledForward, GpuForward, to_host_async, to_storage  # noqa: F401
@@ -101,11 +102,8 @@ class ExtractResult:
 
 
 def _source(cfg: ExtractConfig) -> tuple[Path, list[str]]:
-    if cfg.images is None:
-        root = sample_images_root()
-        return root, discover_images(root, cfg.limit, only=SAMPLE_IMAGES)
-    root = cfg.images.expanduser().resolve()
-    return root, discover_images(root, cfg.limit)
+    root = sample_images_root() if cfg.images is None else cfg.images.expanduser().resolve()
+    return root, discover_images(root, cfg.limit, only=SAMPLE_IMAGES if cfg.images is None else None)
 
 
 def auto_workers(device: torch.device) -> int:
@@ -163,6 +161,7 @@ def _check_config(cfg: ExtractConfig) -> None:
     check_weights(cfg.weights)
     resolve_device(cfg.device)
     _check_out(cfg.out)
+    _check_out_is_not_source(cfg.out, sample_images_root() if cfg.images is None else Path(cfg.images))
     with torch.device("meta"):  # layer names checked on an empty model: no weights loaded or downloaded
         resolve_layers(cfg.layers, torchvision.models.resnet50())
 
@@ -187,25 +186,25 @@ def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, we
         weights_fingerprint=weights_fp, preprocessing=pre, dtype=cfg.dtype, codec=str(Codec.parse(cfg.codec)),
         autocast=cfg.autocast, source_root=str(root), holdout_fraction=cfg.holdout_fraction,
         ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), shard_size=cfg.shard_size,
-        label_source=label_source, tool_version=__version__,
+        label_source=label_source, tool_version=__version__, extra={S.EVERY_SMALL_CHUNK: True},
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: np.ndarray, split: np.ndarray,
                    views: Views | None = None) -> CacheStore:
-    """Resume a compatible cache at cfg.out, or create one. Never mixes settings silently."""
+    """Resume a compatible cache at cfg.out, or create one. Never mixes settings silently, and
+    never replaces anything but an empty folder or a featrecon cache (`--overwrite`). The caller
+    holds the writer lock."""
     out = cfg.out
-    if remote.is_url(out):
-        exists = remote.exists(remote.join(out, "zarr.json"))
-    else:
+    if not remote.is_url(out):
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FeatreconError(f"--out {out}: cannot create its folder ({e.strerror})") from None
         if not os.access(out.parent, os.W_OK):
             raise FeatreconError(f"--out {out}: folder {out.parent} is not writable; choose another --out")
-        exists = out.exists()
-    if exists and not cfg.overwrite:
+    state = check_replaceable(out, cfg.overwrite)
+    if state == CACHE and not cfg.overwrite:
         store = open_cache(out, "r+", cfg.fmt)
         old, new = store.meta.identity(), meta.identity()
         diffs = [k for k in new if old.get(k) != new[k]]
@@ -214,14 +213,25 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: 
             raise FeatreconError(
                 f"--out {out} holds a cache made with other settings ({', '.join(diffs)} differ); "
                 "pass --overwrite to replace it, or choose another --out")
-        for partial in out.rglob("*.partial") if not remote.is_url(out) and out.is_dir() else []:
-            partial.unlink()  # temp files of a write that was killed
+        if not remote.is_url(out) and out.is_dir():
+            for partial in out.rglob("*.partial"):  # temp files of a killed writer (we hold the lock: no live one)
+                partial.unlink()
         return store
     return create_cache(out, meta, ids, labels, split, cfg.fmt, views)
 
 
+def _check_out_is_not_source(out, images: Path) -> None:
+    """--out must not be, nor hold, the source images: replacing it would delete them."""
+    if remote.is_url(out):
+        return
+    out, images = Path(out).expanduser().resolve(), images.expanduser().resolve()
+    if out == images or out in images.parents:
+        raise FeatreconError(f"--out {out}: it {'is' if out == images else 'holds'} the --images folder {images}; "
+                             "write the cache elsewhere")
+
+
 def _disk_error(e: OSError, out: Path) -> FeatreconError:
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return FeatreconError(f"--out {out}: disk full while writing; free space and rerun the same command "
                               "(finished shards are kept and the run resumes)")
     return FeatreconError(f"--out {out}: write failed ({e.strerror or e}); rerun the same command to resume")
@@ -274,12 +284,15 @@ def _extract(cfg: ExtractConfig, group: Group, root: Path, ids: list[str], label
     split = assign_split(sample_ids, cfg.holdout_fraction)
     # Rank 0 alone creates (or checks and resumes) the store and lists the shards still to do;
     # the others open it after that, and take every world-th shard of the same list.
-    problem, shards = None, None
+    # Rank 0 holds the cache's writer lock for the whole job: torchrun's ranks are one writer.
+    problem, shards, lock = None, None, WriterLock(cfg.out)
     if group.main:
         try:
+            lock.acquire()
             store = open_or_create(cfg, meta, sample_ids, np.repeat(labels, k + 1), split, views)
             shards = pending_shards(store)
         except FeatreconError as e:
+            lock.release()
             problem = str(e)
     problem, shards = group.broadcast((problem, shards))
     if problem is not None:
@@ -302,6 +315,7 @@ def _extract(cfg: ExtractConfig, group: Group, root: Path, ids: list[str], label
         return result
     finally:
         store.close()
+        lock.release()
 
 
 def pending_shards(store: CacheStore) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -36,6 +36,12 @@ VIEW_FLIP = "view_flip"  # (N,) uint8: 1 where the view is mirrored
 META_ATTR = "featrecon"  # CacheMeta.to_dict()
 SKIPPED_ATTR = "skipped"  # {id: reason} for files that could not be read
 OVERFLOW_ATTR = "overflow"  # {shard index: {layer: n values that overflowed the dtype}}
+# In CacheMeta.extra: every chunk of the small arrays was stored, zeros included (set by extract-features
+# from featrecon 0.3 on; both backends store every chunk); in older Zarr caches a chunk of zeros (all
+# train, no views) may be absent by design.
+EVERY_SMALL_CHUNK = "every_small_chunk"
+PRESENT_SMALL_ARRAYS = ("ids", "view_box")  # never all zeros: a missing chunk is damage in every cache
+CREATING_ATTR = "featrecon_creating"  # on a root whose creation is under way (object stores); gone once META_ATTR is set
 
 STATUS_PENDING, STATUS_DONE, STATUS_SKIPPED = 0, 1, 2
 SPLIT_TRAIN, SPLIT_HOLDOUT = 0, 1
@@ -156,7 +162,9 @@ class CacheMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheMeta":
-        if d.get("format") != FORMAT_NAME:
+        """The metadata of a stored cache; a FeatreconError that says what is wrong with it
+        (the caller names the file)."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FeatreconError("not a featrecon cache (no featrecon metadata); was it written by extract-features?")
         if d.get("schema_version") not in READABLE_VERSIONS:
             raise FeatreconError(
@@ -164,10 +172,29 @@ class CacheMeta:
                 f"{', '.join(map(str, READABLE_VERSIONS))}; re-extract it with this version "
                 "(extract-features ... --overwrite)"
             )
-        d = dict(d)
-        p = d.pop("preprocessing")
-        pre = Preprocessing(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
-        return cls(preprocessing=pre, **d)
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - known), sorted(f.name for f in fields(cls)
+                                                          if f.name not in d and f.default is MISSING
+                                                          and f.default_factory is MISSING)
+        if unknown or missing:
+            what = "; ".join(x for x in (f"unknown field(s) {', '.join(unknown)}" if unknown else "",
+                                        f"missing field(s) {', '.join(missing)}" if missing else "") if x)
+            raise FeatreconError(f"damaged featrecon metadata ({what}); a newer featrecon may have written it")
+        try:
+            p = d["preprocessing"]
+            pre = Preprocessing(int(p["resize"]), int(p["crop"]), tuple(float(v) for v in p["mean"]),
+                                tuple(float(v) for v in p["std"]), str(p.get("interpolation", "bilinear")))
+            meta = cls(**{**d, "preprocessing": pre})
+            ok = (isinstance(meta.n, int) and meta.n >= 0 and isinstance(meta.shard_size, int) and meta.shard_size >= 1
+                  and isinstance(meta.layers, dict) and isinstance(meta.nodes, dict) and meta.dtype in FEATURE_DTYPES
+                  and all(isinstance(s, list) and len(s) == 3 and all(isinstance(v, int) and v > 0 for v in s)
+                          for s in meta.layers.values()))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FeatreconError(f"damaged featrecon metadata (preprocessing: {type(e).__name__}: {e})") from None
+        if not ok:
+            raise FeatreconError("damaged featrecon metadata (a field has the wrong type: n, shard_size, layers, "
+                                 "nodes or dtype)")
+        return meta
 
     def identity(self) -> dict:
         """The fields a resumed run must agree on; anything else may differ."""

@@ -7,10 +7,19 @@ explicit format. Writes go a whole shard at a time from one writer: zarr-python
 loses data when two writers touch parts of one shard, and a whole-shard write is
 what makes a killed run resumable (a shard is either fully written and marked
 done, or recomputed).
+
+Nothing a user has is replaced by accident: `inspect_target` tells a featrecon cache from
+an empty folder and from anything else, and `create_cache` replaces only the first two.
+A local cache is created beside its place (`.NAME.creating`) and renamed into it, so a
+kill or a full disk during creation leaves no half-made cache. Absence is damage: a
+sample marked done whose stored object is missing is reported like a failed checksum,
+on every read path.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import threading
@@ -27,6 +36,7 @@ from .schema import CacheMeta
 from .views import CENTRE, Views, centre_box
 from .zarr_shards import CorruptChunk, report
 
+log = logging.getLogger(__name__)
 FORMATS = ("zarr", "hdf5")
 _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
@@ -64,12 +74,35 @@ class CacheStore(ABC):
     _attrs_lock = threading.Lock()  # the bookkeeping attributes are one object, shared by all shards
 
     @abstractmethod
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Samples [start, stop) of an (N, ...) array, decompressed."""
+    def read_with_library(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of an (N, ...) array through the backend's own library (zarr-python,
+        h5py), as stored: an object that is missing reads as zeros. The stages read through
+        `read`, `read_rows` and `row_reader`, which check that every done sample is there."""
 
     @abstractmethod
+    def _read_small(self, name: str) -> np.ndarray:
+        """A whole small array (ids, labels, split, status, views), every stored object checked present."""
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of an array, decompressed (see `read_rows`)."""
+        if name in self.meta.sample_arrays():
+            return self.read_rows(name, np.arange(start, stop))
+        return self._read_small(name)[start:stop]
+
     def read_all(self, name: str) -> np.ndarray:
-        """A whole small array (ids, labels, split, status)."""
+        """A whole array: a small one (ids, labels, split, status) or every sample of a per-sample one."""
+        if name in self.meta.sample_arrays():
+            return self.read_rows(name, np.arange(self.meta.n))
+        return self._read_small(name)
+
+    def done(self) -> np.ndarray:
+        """(N,) bool: the samples marked done, whose stored objects must exist."""
+        return self.status() == S.STATUS_DONE
+
+    def missing_rows(self, name: str, k: int, rows) -> list[int]:
+        """Rows (positions in shard k) of done samples whose stored chunk or shard object is absent.
+        A backend that can tell overrides this."""
+        return []
 
     @abstractmethod
     def attr(self, key: str, default=None):
@@ -162,10 +195,10 @@ class CacheStore(ABC):
 
     # Convenience views used by every stage.
     def status(self) -> np.ndarray:
-        return self.read_all(S.STATUS)
+        return self._read_small(S.STATUS)
 
     def ids(self) -> list[str]:
-        return S.decode_ids(self.read_all(S.IDS))
+        return S.decode_ids(self._read_small(S.IDS))
 
     def where(self, e: CorruptChunk) -> str:
         """A damaged chunk's place for an error message: its array, sample index and id."""
@@ -180,7 +213,7 @@ class CacheStore(ABC):
         (all of them in a cache without views)."""
         if not self.meta.views:
             return np.ones(self.meta.n, bool)
-        return self.read_all(S.VIEW) == CENTRE
+        return self._read_small(S.VIEW) == CENTRE
 
     def skipped(self) -> dict[str, str]:
         """{id: reason} of the files that could not be read."""
@@ -218,12 +251,22 @@ class SliceReader(RowReader):
 
     def read(self, k, rows, outs, on_error=None):
         start, stop = self.store.meta.shard_bounds(k)
+        gone = set(self.store.missing_rows(self.name, k, rows))
+        if gone:
+            for r, out in zip(rows, outs):
+                if r in gone:
+                    out[...] = 0
+                    report(CorruptChunk(self.name, start + r, "missing: its stored chunk is gone though the sample "
+                                        "is marked done"), on_error)
+            rows, outs = zip(*[(r, o) for r, o in zip(rows, outs) if r not in gone]) if len(gone) < len(rows) else ((), ())
+            if not rows:
+                return
         try:
-            data = self.store.read(self.name, start, stop)
+            data = self.store.read_with_library(self.name, start, stop)
         except (OSError, ValueError):
             for r, out in zip(rows, outs):
                 try:
-                    out[...] = self.store.read(self.name, start + r, start + r + 1)[0]
+                    out[...] = self.store.read_with_library(self.name, start + r, start + r + 1)[0]
                 except (OSError, ValueError) as e:
                     out[...] = 0
                     why = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -251,33 +294,170 @@ def open_cache(path: str | os.PathLike, mode: str = "r", fmt: str | None = None)
     return _BACKENDS[format_for(path, fmt)](path, mode)
 
 
+# What `inspect_target` finds at a cache's place.
+ABSENT, EMPTY, CACHE, UNFINISHED, DAMAGED, FOREIGN = "absent", "empty", "cache", "unfinished", "damaged", "foreign"
+# featrecon creates these beside a local cache: the lock (see `lock`), a creation under way, a cache being replaced.
+_CREATING, _REPLACED = ".{}.creating", ".{}.replaced"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _root_state(raw: bytes, where: str) -> tuple[str, str]:
+    """The state of a Zarr folder or prefix from the bytes of its root zarr.json."""
+    try:
+        attrs = json.loads(raw).get("attributes", {})
+    except (ValueError, AttributeError) as e:
+        return DAMAGED, f"{where} is not valid Zarr metadata ({e})"
+    if not isinstance(attrs, dict):
+        return DAMAGED, f"{where}: its attributes are not a JSON object"
+    if isinstance(attrs.get(S.META_ATTR), dict) and attrs[S.META_ATTR].get("format") == S.FORMAT_NAME:
+        return CACHE, ""
+    if S.CREATING_ATTR in attrs:
+        return UNFINISHED, "a cache whose creation never finished"
+    return FOREIGN, "a Zarr group that featrecon did not write"
+
+
+def inspect_target(path) -> tuple[str, str]:
+    """(state, detail) of what is at a cache's place: ABSENT, EMPTY (an empty folder), CACHE (a
+    featrecon cache: its metadata says so), UNFINISHED (a creation of ours that never finished:
+    object stores only), DAMAGED (featrecon's name on metadata that cannot be read) or FOREIGN
+    (anything else: never replaced)."""
+    if remote.is_url(path):
+        raw = remote.read_bytes(remote.join(path, "zarr.json"))
+        if raw is not None:
+            return _root_state(raw, remote.join(path, "zarr.json"))
+        fs, root = remote.filesystem(path)
+        return (FOREIGN, "objects that are not a Zarr cache") if fs.exists(root) and fs.ls(root) else (ABSENT, "")
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return ABSENT, ""
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return EMPTY, ""
+        root = path / "zarr.json"
+        if not root.is_file():
+            return FOREIGN, "a folder that is not a Zarr cache"
+        try:
+            return _root_state(root.read_bytes(), str(root))
+        except OSError as e:
+            return DAMAGED, f"{root} cannot be read ({e.strerror or e})"
+    if not path.is_file():
+        return FOREIGN, "not a file or folder"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except OSError as e:
+        return FOREIGN, f"a file that cannot be read ({e.strerror or e})"
+    if head != HDF5_SIGNATURE:
+        return FOREIGN, "a file that is not HDF5"
+    from .h5_store import h5_state
+
+    return h5_state(path)
+
+
+def check_replaceable(path, overwrite: bool) -> str:
+    """The state at `path` if extract-features may write there (create, resume, or with
+    `overwrite` replace); else a one-line refusal that names what is there."""
+    state, detail = inspect_target(path)
+    if state == FOREIGN:
+        raise FeatreconError(f"--out {path} holds {detail}; featrecon writes and replaces only its own caches "
+                             "(never other files): choose another --out")
+    if state == DAMAGED:
+        raise FeatreconError(f"--out {path}: {detail}, so featrecon cannot tell that it wrote it and will not replace "
+                             f"it; if it is an old cache you no longer need, delete {path} yourself, or choose "
+                             "another --out")
+    return state
+
+
 def create_cache(path: str | os.PathLike, meta: CacheMeta, ids: list[str], labels: np.ndarray,
                  split: np.ndarray, fmt: str | None = None, views: Views | None = None) -> CacheStore:
-    """Create a fresh cache at `path`, replacing whatever is there. `views`: the per-sample
-    view records (default: every sample a centre crop)."""
+    """Create a fresh cache at `path`, replacing an empty folder, a featrecon cache or an unfinished
+    creation there, never anything else (see `check_replaceable`). `views`: the per-sample view
+    records (default: every sample a centre crop). The caller holds the writer lock (`lock`)."""
     path = path if remote.is_url(path) else Path(path)
     if views is None:
         views = Views(np.zeros(meta.n, np.uint16), np.tile(np.float32(centre_box(meta.preprocessing.resize,
                       meta.preprocessing.crop)), (meta.n, 1)), np.zeros(meta.n, np.uint8))
     if len(views) != meta.n or len(ids) != meta.n:
         raise ValueError(f"{len(ids)} ids and {len(views)} views for a cache of {meta.n} samples")
-    remove_cache(path)
-    return _BACKENDS[format_for(path, fmt)].create(path, meta, ids, labels, split, views)
+    check_replaceable(path, overwrite=True)
+    backend = _BACKENDS[format_for(path, fmt)]
+    if remote.is_url(path):  # no rename on object stores: a marker first, the metadata last (see _root_state)
+        _clear_prefix(path)
+        try:
+            return backend.create(path, meta, ids, labels, split, views)
+        except OSError as e:
+            raise _creation_error(path, e) from None
+    # Locally the cache is made beside its place and renamed into it: a kill or a full disk
+    # leaves at most a hidden leftover, which the next run (holding the lock) removes.
+    temp, old = path.with_name(_CREATING.format(path.name)), path.with_name(_REPLACED.format(path.name))
+    for leftover in (temp, old):
+        _remove(leftover)
+    try:
+        backend.create(temp, meta, ids, labels, split, views).close()
+    except OSError as e:
+        _remove(temp)
+        raise _creation_error(path, e) from None
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty folder: nothing to keep
+    elif path.exists():
+        os.replace(path, old)  # the cache replaced (--overwrite), deleted once the new one is in place
+    os.replace(temp, path)
+    _remove(old)
+    return backend(path, "r+")
+
+
+def rebuild_command(meta: CacheMeta, path) -> str:
+    """The extract-features command that writes this cache again from its source images, for
+    damage that `verify --repair` cannot mark (metadata, ids, labels)."""
+    parts = ["extract-features", "--images", _quoted(meta.source_root), "--layers", ",".join(meta.layers),
+             "--weights", _quoted(meta.weights), "--size", str(meta.preprocessing.crop), "--dtype", meta.dtype,
+             "--codec", meta.codec, "--shard-size", str(meta.shard_size), "--holdout-fraction",
+             str(meta.holdout_fraction), "--views", str(meta.views), "--out", _quoted(str(path)), "--overwrite"]
+    if meta.autocast != "none":
+        parts += ["--autocast", meta.autocast]
+    labels = "" if meta.label_source in ("none", "wnid-folder", "wnid-filename", "wnid-filename+wnid-folder") else \
+        f" (with the --labels file it was made with: {meta.label_source})"
+    return " ".join(parts) + labels
+
+
+def _quoted(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _creation_error(path, e: OSError) -> FeatreconError:
+    import errno
+
+    why = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else f"write failed ({e.strerror or e})"
+    return FeatreconError(f"--out {path}: {why} while creating the cache; nothing was left behind: free space and "
+                          "rerun the same command")
+
+
+def _clear_prefix(url: str) -> None:
+    """An object-store prefix made ready for a new cache: first its root marked unfinished (so a
+    kill now leaves something the next run recognises as its own), then every other object
+    deleted."""
+    from .zarr_store import creating_root
+
+    fs, root = remote.filesystem(url)
+    fs.pipe_file(f"{root}/zarr.json", creating_root())
+    for entry in fs.ls(root, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != "zarr.json":
+            fs.rm(entry, recursive=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _columns(labels: np.ndarray, split: np.ndarray, views: Views) -> dict[str, np.ndarray]:
     """The small per-sample arrays written once, at creation, in their stored dtypes."""
     return {S.LABELS: labels.astype(np.int32), S.SPLIT: split.astype(np.uint8), S.VIEW: views.view.astype(np.uint16),
             S.VIEW_BOX: views.box.astype(np.float32), S.VIEW_FLIP: views.flip.astype(np.uint8)}
-
-
-def remove_cache(path: Path | str) -> None:
-    if remote.is_url(path):
-        remote.remove(path)
-    elif path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 # The backends subclass CacheStore and use the helpers above, so they are imported last.

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from . import FeatreconError, __version__
 from . import schema as S
 from .backbone import resolve_device
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, write_json
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, best_checkpoint, best_is_current,
+                         load_checkpoint, write_json)
 from .decoders import ARCHS, Decoder, DecoderConfig, count_parameters
 from .distributed import Group, join, leave
 from .evaluate import evaluate
@@ -256,7 +257,7 @@ def _check_run_folder(cfg: TrainConfig, fp: str) -> dict | None:
     return ckpt
 
 
-def _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch, best, history) -> dict:
+def _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch, best, history, best_epoch, best_model) -> dict:
     return {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "tool_version": __version__,
         "decoder_config": asdict(dcfg), "train_config": cfg.to_dict(), "layers": list(cfg.layers),
@@ -267,6 +268,7 @@ def _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch, best, history) -
                                           "cache": str(cfg.cache)},
         "epoch": epoch, "best_psnr": best, "history": history, "n_parameters": count_parameters(model),
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "best_epoch": best_epoch, "best_model": best_model,  # best.pt can always be rebuilt from last.pt
     }
 
 
@@ -340,12 +342,17 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
     eval_idx = evaluation_indices(pick_from, cfg)
     eval_loader = CacheLoader(cfg.cache, layers, eval_idx, cfg.batch_size, shuffle=False, in_memory=True,
                               skip_corrupt=cfg.skip_corrupt)
-    start, best, history = 0, -math.inf, []
+    start, best, history, best_epoch, best_model = 0, -math.inf, [], 0, None
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         opt.load_state_dict(resume_from["optimizer"])
         sched.load_state_dict(resume_from["scheduler"])
         start, best, history = resume_from["epoch"], resume_from["best_psnr"], resume_from["history"]
+        best_epoch, best_model = resume_from.get("best_epoch", 0), resume_from.get("best_model")
+        if best_model is None:  # a run written before last.pt recorded its best: take it from a current best.pt
+            best_epoch, best_model = _recorded_best(cfg.out, resume_from)
+        elif group.main:
+            _restore_best(cfg.out, resume_from)
         _continue_schedule(sched, opt, start * len(loader))  # the same point of the schedule, whatever the world size
         log.info("resuming %s after epoch %d of %d", cfg.out, start, cfg.epochs)
     if group.main:
@@ -374,13 +381,17 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
                    "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"], "seconds": stats["seconds"],
                    "corrupt_skipped": len(loader.corrupt | eval_loader.corrupt)}
             history.append(row)
-            improved = row["psnr"] > best
-            best = max(best, row["psnr"])
+            if row["psnr"] > best:
+                best, best_epoch = row["psnr"], epoch + 1
+                best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if group.main:  # the ranks hold the same weights; one writes them
-                ckpt = _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch + 1, best, history)
+                ckpt = _checkpoint(model, opt, sched, cfg, dcfg, fp, store, epoch + 1, best, history, best_epoch,
+                                   best_model)
+                # best.pt first: a kill between the writes leaves last.pt an epoch behind, and the resumed
+                # run redoes that epoch; either way last.pt records the best, and best.pt is rebuilt from it.
+                if best_epoch == epoch + 1:
+                    atomic_save(best_checkpoint(ckpt), cfg.out / "best.pt")
                 atomic_save(ckpt, cfg.out / "last.pt")
-                if improved:
-                    atomic_save(ckpt, cfg.out / "best.pt")
                 with open(cfg.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
             log.info("epoch %d/%d  loss %.5f  %s PSNR %.2f dB  SSIM %.3f  %.1f samples/s  lr %.2e",
@@ -403,6 +414,28 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
         plot_training(history, cfg.out / "loss.png", title=f"decoder from {'+'.join(layers)}")
     group.barrier()  # no rank leaves before the checkpoint is written
     return history[-1] if history else {}
+
+
+def _recorded_best(out: Path, last: dict) -> tuple[int, dict | None]:
+    """(epoch, weights) of a current best.pt of a run whose last.pt does not record them, else (0, None)."""
+    path = out / "best.pt"
+    if path.exists():
+        best = load_checkpoint(path)
+        if best_is_current(best, last):
+            return best["epoch"], best["model"]
+    return 0, None
+
+
+def _restore_best(out: Path, last: dict) -> None:
+    """On resume: best.pt as last.pt records it (a kill between the two writes can leave it behind)."""
+    if last.get("best_model") is None:
+        return
+    path = out / "best.pt"
+    if path.exists() and best_is_current(load_checkpoint(path), last):
+        return
+    log.warning("%s did not hold the best epoch that last.pt records (%d): rewritten from last.pt", path,
+                last["best_epoch"])
+    atomic_save(best_checkpoint(last), path)
 
 
 def check_in_step(model: torch.nn.Module, group: Group) -> None:

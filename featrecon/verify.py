@@ -22,8 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import remote
+from .lock import WriterLock
 from . import schema as S
-from .storage import CacheStore, open_cache
+from .storage import CacheStore, open_cache, rebuild_command
 from .zarr_shards import CorruptChunk
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,27 @@ class VerifyReport:
     damaged: list[Damage] = field(default_factory=list)
     repaired_shards: list[int] = field(default_factory=list)
     ids: list[str] | None = None  # to name damaged samples; None if the ids themselves are unreadable
+    rebuild: str = ""  # the extract-features command that writes the whole cache again
+
+    @property
+    def metadata_damaged(self) -> bool:
+        """Damage that is no sample's data (a missing or unreadable array): --repair cannot mark it."""
+        return any(d.sample < 0 for d in self.damaged)
+
+    def advice(self, repaired: bool) -> str:
+        """What to do next, one line per remedy that applies."""
+        lines = []
+        if self.repaired_shards:
+            shards = ", ".join(map(str, self.repaired_shards[:20])) + (", ..." if len(self.repaired_shards) > 20 else "")
+            lines.append(f"marked {len(self.repaired_shards)} shard(s) pending ({shards}); rerun the extract-features "
+                         f"command that made {self.cache} to re-extract them")
+        elif self.samples():
+            lines.append(f"to repair: featrecon verify {self.cache} --repair, then rerun the extract-features command "
+                         "that made it")
+        if self.metadata_damaged:
+            lines.append(f"{'also: ' if lines else ''}damage outside the samples' data cannot be marked for repair; "
+                         f"write the cache again: {self.rebuild}")
+        return "\n".join(lines)
 
     @property
     def ok(self) -> bool:
@@ -99,11 +121,23 @@ def _read_small(store: CacheStore, found: list[Damage]) -> None:
 
 def verify(path: str | os.PathLike, threads: int | None = None, progress: bool = True,
            repair: bool = False) -> VerifyReport:
-    """Check every chunk of the cache at `path`; with `repair`, mark damaged shards pending."""
+    """Check every chunk of the cache at `path`; with `repair`, mark damaged shards pending (holding
+    the cache's writer lock: never while extract-features writes it)."""
+    lock = WriterLock(path, what="written")
+    if repair:
+        lock.acquire()
+    try:
+        return _verify(path, threads, progress, repair)
+    finally:
+        lock.release()
+
+
+def _verify(path, threads: int | None, progress: bool, repair: bool) -> VerifyReport:
     store = open_cache(path, "r+" if repair else "r")
     try:
         meta = store.meta
-        report = VerifyReport(path if remote.is_url(path) else Path(path), meta.checksummed)
+        report = VerifyReport(path if remote.is_url(path) else Path(path), meta.checksummed,
+                              rebuild=rebuild_command(meta, path))
         report.damaged += _check_metadata(store)
         _read_small(store, report.damaged)
         layout = meta.sample_arrays()

@@ -206,14 +206,25 @@ def _compress_all(compress, rows) -> list:
 class ShardDecoder:
     """Reads whole shards of one array (a file, or one object of an object store) and decodes
     the samples asked for straight into the caller's buffers (one decompression, no other
-    copy). `fetch(key)` gives the bytes of the object `key` under the array (None: absent)."""
+    copy). `fetch(key)` gives the bytes of the object `key` under the array (None: absent).
 
-    def __init__(self, fetch: Callable[[str], "np.ndarray | bytes | None"], name: str, layout: ShardLayout):
+    Absence is damage: zarr (and tensorstore) read a missing object as the fill value, but a
+    sample that `done` marks written must have its shard object, and, where `every_chunk`
+    (shards written whole by featrecon, schema 2 on), its chunk inside it. Samples not done
+    read as zeros."""
+
+    def __init__(self, fetch: Callable[[str], "np.ndarray | bytes | None"], name: str, layout: ShardLayout,
+                 done: np.ndarray | None = None, every_chunk: bool = False):
         self.fetch, self.name, self.layout = fetch, name, layout
+        self.done, self.every_chunk = done, every_chunk
         self._decompress: Callable | None = layout.compressor.decode if layout.compressor is not None else None
 
+    def _expected(self, sample: int) -> bool:
+        return self.done is not None and sample < len(self.done) and bool(self.done[sample])
+
     @classmethod
-    def open(cls, folder: Path, name: str) -> "ShardDecoder | None":
+    def open(cls, folder: Path, name: str, done: np.ndarray | None = None,
+             every_chunk: bool = False) -> "ShardDecoder | None":
         """The decoder of the local array at folder/zarr.json, or None if its layout is not featrecon's."""
         folder = Path(folder)
 
@@ -223,10 +234,11 @@ class ShardDecoder:
             except FileNotFoundError:
                 return None
 
-        return cls.with_fetch(fetch, name)
+        return cls.with_fetch(fetch, name, done, every_chunk)
 
     @classmethod
-    def with_fetch(cls, fetch: Callable[[str], "np.ndarray | bytes | None"], name: str) -> "ShardDecoder | None":
+    def with_fetch(cls, fetch: Callable[[str], "np.ndarray | bytes | None"], name: str,
+                   done: np.ndarray | None = None, every_chunk: bool = False) -> "ShardDecoder | None":
         """The decoder of the array whose objects `fetch` reads (zarr.json included), or None."""
         try:
             raw = fetch("zarr.json")
@@ -234,7 +246,7 @@ class ShardDecoder:
         except (OSError, ValueError):
             return None
         layout = ShardLayout.of(meta) if meta is not None else None
-        return cls(fetch, name, layout) if layout is not None else None
+        return cls(fetch, name, layout, done, every_chunk) if layout is not None else None
 
     def shard_index(self, data: np.ndarray, k: int) -> np.ndarray:
         """(per_shard, 2) offsets and sizes from a shard's bytes, its crc32c checked."""
@@ -250,14 +262,18 @@ class ShardDecoder:
         """Decode rows `rows` of shard k into `outs` (C-contiguous, one sample each). A damaged
         sample raises CorruptChunk (its global index), or with `on_error` is handed to it,
         zero-filled, and the rest are read."""
-        data = self.fetch(shard_key(k, len(self.layout.shape)))
-        if data is None:  # never written: every sample is the fill value
-            for out in outs:
+        key = shard_key(k, len(self.layout.shape))
+        data = self.fetch(key)
+        base = k * self.layout.per_shard
+        if data is None:  # never written (pending samples read as the fill value), or deleted
+            for r, out in zip(rows, outs):
                 out[...] = 0
+                if self._expected(base + r):
+                    report(CorruptChunk(self.name, base + r, f"missing: its shard object {self.name}/{key} is gone "
+                                        "though the sample is marked done"), on_error)
             return
         if not isinstance(data, np.ndarray):
             data = np.frombuffer(data, dtype=np.uint8)
-        base = k * self.layout.per_shard
         try:
             index = self.shard_index(data, k)
         except CorruptChunk as e:
@@ -276,6 +292,9 @@ class ShardDecoder:
         offset, nbytes = (int(v) for v in entry)
         if offset == MAX_U64:
             out[...] = 0
+            if self.every_chunk and self._expected(sample):
+                raise CorruptChunk(self.name, sample, "missing: its chunk is absent from its shard object though "
+                                   "the sample is marked done")
             return
         if offset + nbytes > len(data):
             raise CorruptChunk(self.name, sample, "its chunk lies past the end of the shard file")

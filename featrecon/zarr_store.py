@@ -3,6 +3,7 @@ shard codec (`zarr_shards`) for whole-shard writes and parallel chunk reads."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,15 @@ import numpy as np
 from . import FeatreconError, remote
 from . import schema as S
 from .schema import CacheMeta, Codec
-from .storage import CacheStore, SliceReader, _columns, _stacked
+from .storage import CacheStore, SliceReader, _columns, _stacked, rebuild_command
 from .views import Views
-from .zarr_shards import ShardDecoder, ShardEncoder
+from .zarr_shards import ShardDecoder, ShardEncoder, shard_key
+
+
+def creating_root() -> bytes:
+    """The root zarr.json of a cache whose creation is under way: a group marked with
+    CREATING_ATTR, which `storage.inspect_target` recognises as featrecon's own."""
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {S.CREATING_ATTR: True}}).encode()
 
 
 def _zarr_compressors(codec: Codec) -> tuple:
@@ -51,14 +58,25 @@ class ZarrCacheStore(CacheStore):
         import zarr
 
         self.path = path
+        root = remote.join(path, "zarr.json") if remote.is_url(path) else path / "zarr.json"
         try:
             self.group = _open_group(path, mode)
+            meta = self.group.attrs.get(S.META_ATTR)
         except (FileNotFoundError, zarr.errors.BaseZarrError):
             raise FeatreconError(f"{path}: no Zarr cache here; run extract-features first") from None
-        meta = self.group.attrs.get(S.META_ATTR)
+        except (ValueError, TypeError, KeyError) as e:  # zarr.json that is not JSON, or not Zarr metadata
+            raise FeatreconError(f"{root}: the cache's root metadata is damaged ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); it cannot be repaired: delete "
+                                 f"{path} and rerun the extract-features command that made it") from None
         if meta is None:
-            raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute)")
-        self.meta = CacheMeta.from_dict(meta)
+            if S.CREATING_ATTR in self.group.attrs:
+                raise FeatreconError(f"{path}: its creation never finished; rerun the extract-features command "
+                                     "that was creating it")
+            raise FeatreconError(f"{path}: not a featrecon cache (no '{S.META_ATTR}' attribute in {root})")
+        try:
+            self.meta = CacheMeta.from_dict(meta)
+        except FeatreconError as e:
+            raise FeatreconError(f"{root}: {e}") from None
         self._arrays = {}
         self._readable = {}
         self.fast_writes = True  # False: every write through zarr's own codec pipeline
@@ -69,7 +87,10 @@ class ZarrCacheStore(CacheStore):
 
         from zarr.codecs import Crc32cCodec, ZstdCodec
 
+        # The root is marked as a creation under way before anything else, and gets the metadata
+        # last: a cache without it is visibly unfinished, and the next run recreates it.
         g = _open_group(path, "w")
+        g.attrs.put({S.CREATING_ATTR: True})
         comp = _zarr_compressors(Codec.parse(meta.codec))
         n, s = meta.n, meta.shard_size
         for name, (shape, dtype) in meta.sample_arrays().items():
@@ -80,14 +101,14 @@ class ZarrCacheStore(CacheStore):
         id_bytes = S.encode_ids(ids)
         g.create_array(S.IDS, shape=id_bytes.shape, dtype="uint8", chunks=(small, id_bytes.shape[1]),
                        compressors=checked, fill_value=0, dimension_names=S.dimension_names(S.IDS))[:] = id_bytes
-        for name, values in _columns(labels, split, views).items():
+        for name, values in _columns(labels, split, views).items():  # every chunk stored, zeros too (see _read_small)
             g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(small, *values.shape[1:]),
-                           compressors=checked, fill_value=0, dimension_names=S.dimension_names(name))[:] = values
+                           compressors=checked, fill_value=0, dimension_names=S.dimension_names(name),
+                           config={"write_empty_chunks": True})[:] = values
         # One status chunk per shard, so marking a shard done rewrites one small object.
         g.create_array(S.STATUS, shape=(n,), dtype="uint8", chunks=(s,), fill_value=S.STATUS_PENDING,
                        compressors=checked, dimension_names=S.dimension_names(S.STATUS))
-        # The metadata goes last: a cache without it is visibly unfinished and is recreated.
-        g.attrs.update({S.SKIPPED_ATTR: {}, S.OVERFLOW_ATTR: {}, S.META_ATTR: meta.to_dict()})
+        g.attrs.put({S.SKIPPED_ATTR: {}, S.OVERFLOW_ATTR: {}, S.META_ATTR: meta.to_dict()})
         return cls(path, "r+")
 
     def _array(self, name):
@@ -96,11 +117,33 @@ class ZarrCacheStore(CacheStore):
             self._readable[name] = self.group[name]
         return self._readable[name]
 
-    def read(self, name, start, stop):
+    def read_with_library(self, name, start, stop):
         return self._array(name)[start:stop]
 
-    def read_all(self, name):
-        return self._array(name)[:]
+    def _read_small(self, name):
+        """Written whole at creation, so every chunk must be there: zarr would read a missing one as
+        zeros (a missing status chunk is a shard not done yet). Caches written before EVERY_SMALL_CHUNK
+        left out chunks of zeros, which only ids and view boxes never are."""
+        array = self._array(name)
+        if name in S.PRESENT_SMALL_ARRAYS or (name != S.STATUS and self.meta.extra.get(S.EVERY_SMALL_CHUNK)):
+            for coords in np.ndindex(*array.cdata_shape):
+                key = array.metadata.encode_chunk_key(coords)
+                if not self._exists(f"{name}/{key}"):
+                    raise FeatreconError(f"{self.path}: {name}: its stored object {name}/{key} is missing; "
+                                         f"rebuild the cache: {rebuild_command(self.meta, self.path)}")
+        return array[:]
+
+    def _exists(self, key: str) -> bool:
+        if remote.is_url(self.path):
+            return remote.exists(remote.join(self.path, key))
+        return (self.path / key).is_file()
+
+    def missing_rows(self, name, k, rows):
+        """zarr-python's own path (layouts other than featrecon's): the shard object must exist."""
+        done = self.done()[self.meta.shard_bounds(k)[0]:][: self.meta.shard_size]
+        if not done[list(rows)].any() or self._exists(f"{name}/{shard_key(k, len(self.array_info(name)[0]))}"):
+            return []
+        return [r for r in rows if done[r]]
 
     def array_info(self, name):
         a = self._array(name)
@@ -109,6 +152,8 @@ class ZarrCacheStore(CacheStore):
     def row_reader(self, name):
         # Local shard files of featrecon's layout: decoded straight into the caller's buffers
         # (see zarr_shards: the codec's own speed); anything else through zarr-python.
+        # Every reader knows which samples are done: their objects must be there.
+        done, strict = self.done(), self.meta.checksummed  # schema 2 writes every chunk of a shard
         if remote.is_url(self.path):  # each shard fetched whole, as one object, through fsspec
             fs, root = remote.filesystem(self.path)
 
@@ -118,8 +163,10 @@ class ZarrCacheStore(CacheStore):
                 except FileNotFoundError:
                     return None
 
-            return ShardDecoder.with_fetch(fetch, name) or SliceReader(self, name)
-        return ShardDecoder.open(self.path / name, name) or SliceReader(self, name)
+            decoder = ShardDecoder.with_fetch(fetch, name, done, strict)
+        else:
+            decoder = ShardDecoder.open(self.path / name, name, done, strict)
+        return decoder or SliceReader(self, name)
 
     def attr(self, key, default=None):
         return self.group.attrs.get(key, default)
