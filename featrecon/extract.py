@@ -292,8 +292,12 @@ def _extract(cfg: ExtractConfig, group: Group, root: Path, ids: list[str], label
             store = open_or_create(cfg, meta, sample_ids, np.repeat(labels, k + 1), split, views)
             shards = pending_shards(store)
         except FeatreconError as e:
-            lock.release()
             problem = str(e)
+        except BaseException:
+            lock.release()
+            raise
+        if problem is not None:
+            lock.release()
     problem, shards = group.broadcast((problem, shards))
     if problem is not None:
         raise FeatreconError(problem if group.main else f"rank 0 stopped: {problem}")

@@ -35,7 +35,7 @@ from .views import Views
 
 log = logging.getLogger(__name__)
 LIBVER = ("v108", "v108")  # superblock version 2: no "open for writing" flag to outlive a killed writer
-RESERVE_MARGIN = 1 << 20  # bytes reserved beyond a shard's uncompressed size, for HDF5's own metadata
+RESERVE_MARGIN = 256 << 10  # bytes reserved beyond a shard's uncompressed size, for HDF5's own metadata
 _OPEN_FLAG_ERROR = "already open for write"
 
 

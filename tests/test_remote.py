@@ -105,3 +105,67 @@ def test_storage_options_and_bad_urls(s3, photo_dir):
     with pytest.raises(FeatreconError, match="no cache here"):
         open_cache(f"s3://{BUCKET}/nothing.zarr")
     assert remote.location("s3://b/x.zarr/") == "s3://b/x.zarr" and remote.location("~/x") == Path("~/x").expanduser()
+
+
+def _record(url: str, pid: int) -> str:
+    """A writer record beside the cache at `url`, as a run of this host with process `pid` leaves it."""
+    import socket
+
+    from featrecon.lock import WriterLock
+
+    record = WriterLock(url).record_path
+    fs, path = remote.filesystem(record)
+    fs.pipe_file(path, json.dumps({"host": socket.gethostname(), "pid": pid, "since": "2026-12-01T00:00:00+00:00"}).encode())
+    return record
+
+
+def test_one_writer_at_a_time_on_an_object_store(s3, photo_dir, capsys, caplog):
+    import subprocess
+    import sys
+
+    from featrecon.lock import WriterLock
+
+    url = f"s3://{BUCKET}/locked/c.zarr"
+    with WriterLock(url):  # the record is created only if absent: a second holder is refused
+        with pytest.raises(FeatreconError, match="being written by another run"):
+            WriterLock(url).acquire()
+    record = _record(url, os.getpid())  # a live writer
+    assert extract_main(["--images", str(photo_dir), "--out", url, *EXTRACT]) == 2
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and f"delete {record}" in err and len(err.strip().splitlines()) == 1
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=60)
+    _record(url, int(dead.stdout))  # a writer of this host that has died
+    assert extract_main(["--images", str(photo_dir), "--out", url, *EXTRACT]) == 0
+    assert "taking over the writer record of a run that died" in caplog.text
+    fs, path = remote.filesystem(record)
+    assert not fs.exists(path)  # released at the end
+
+
+def test_an_s3_cache_with_a_lost_shard_object_or_an_unfinished_creation(s3, photo_dir, tmp_path, capsys):
+    from featrecon.zarr_store import creating_root
+
+    url = f"s3://{BUCKET}/lost/c.zarr"
+    assert extract_main(["--images", str(photo_dir), "--out", url, *EXTRACT]) == 0
+    fs, root = remote.filesystem(url)
+    fs.rm_file(f"{root}/features/layer3/c/0/0/0/0")
+    os.chdir(tmp_path)
+    assert train_main(["--cache", url, "--layer", "layer3", "--epochs", "1", "--width", "16", "--no-progress",
+                       "--device", "cpu", "--skip-corrupt"]) == 0  # left out, counted ...
+    assert train_main(["--cache", url, "--layer", "layer3", "--epochs", "1", "--width", "16", "--no-progress",
+                       "--device", "cpu", "--out", "r2"]) == 2  # ... or a stop naming it
+    err = capsys.readouterr().err
+    assert "missing: its shard object features/layer3/c/0/0/0/0" in err.strip().splitlines()[-1]
+    # A creation killed after its first object: the rerun recognises the prefix as its own.
+    url = f"s3://{BUCKET}/unfinished/c.zarr"
+    fs.pipe_file(f"{BUCKET}/unfinished/c.zarr/zarr.json", creating_root())
+    fs.pipe_file(f"{BUCKET}/unfinished/c.zarr/images/zarr.json", b"{}")
+    with pytest.raises(FeatreconError, match="creation never finished"):
+        open_cache(url)
+    assert extract_main(["--images", str(photo_dir), "--out", url, *EXTRACT]) == 0
+    # Objects featrecon did not write are never deleted, not even with --overwrite.
+    fs.pipe_file(f"{BUCKET}/theirs/c.zarr/data.bin", b"someone's")
+    assert extract_main(["--images", str(photo_dir), "--out", f"s3://{BUCKET}/theirs/c.zarr", *EXTRACT,
+                         "--overwrite"]) == 2
+    assert "featrecon writes and replaces only its own caches" in capsys.readouterr().err
+    assert fs.cat_file(f"{BUCKET}/theirs/c.zarr/data.bin") == b"someone's"
