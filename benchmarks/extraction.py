@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featrecon import schema as S
-from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
-from featrecon.data import load_image
-from featrecon.extract import CompiledForward, to_storage
-from featrecon.storage import open_cache
+from featrecon.cache import schema as S
+from featrecon.cache.factory import open_cache
+from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.forward import CompiledForward, to_storage
+from featrecon.extract.images import load_image
 
-from .common import log, sync as _sync
-
+from .common import log
+from .common import sync as _sync
 
 TOP_LEVEL = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -86,7 +86,7 @@ def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path,
 
 def decode_limit(files_root: Path, ids: list[str], pre, batch_size: int, workers: int, device) -> float:
     """images/s of the decoding stage alone: the same DataLoader extraction uses, no forward."""
-    from featrecon.extract import image_loader
+    from featrecon.extract.images import image_loader
 
     dl = image_loader(files_root, ids, list(range(len(ids))), pre, batch_size, workers, device)
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def compress_limit(cache: Path, shards: int = 8) -> float:
     writer's code on a pool of one thread per core, as extraction runs it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from featrecon.zarr_shards import ShardEncoder
+    from featrecon.cache.shards import ShardEncoder
 
     with open_cache(cache) as store:
         meta = store.meta

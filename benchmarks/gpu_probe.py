@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
-from featrecon.data import discover_images
 from benchmarks.extraction import decode_limit, stock_forward
+from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.images import discover_images
 
 
 def timed(fn, seconds=2.0):

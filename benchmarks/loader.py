@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featrecon import schema as S
-from featrecon.loader import CacheLoader, bytes_per_sample
-from featrecon.schema import Codec
-from featrecon.storage import create_cache, open_cache
+from featrecon.cache import schema as S
+from featrecon.cache.factory import create_cache, open_cache
+from featrecon.cache.loader import CacheLoader, bytes_per_sample
+from featrecon.cache.schema import Codec
 
 from .common import disk_bytes, log
 

@@ -23,22 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featrecon.backbone import resolve_device
-from featrecon.decoders import Decoder
-from featrecon.evaluate import ScoreConfig, evaluate, score
-from featrecon.loader import CacheLoader, fits_in_memory
-from featrecon.step import Step, layer_strides, step_settings
-from featrecon.storage import open_cache
-from featrecon.train import (
-    TrainConfig,
-    decoder_config,
-    evaluation_indices,
-    fit,
-    resolve,
-    train_indices,
-    train_one_epoch,
-    validation_split,
-)
+from featrecon.cache.factory import open_cache
+from featrecon.cache.loader import CacheLoader, fits_in_memory
+from featrecon.device import resolve_device
+from featrecon.evaluate.config import ScoreConfig
+from featrecon.evaluate.scoring import score
+from featrecon.train.config import TrainConfig, layer_strides, resolve
+from featrecon.train.decoders import Decoder
+from featrecon.train.loop import decoder_config, fit, train_one_epoch
+from featrecon.train.samples import evaluation_indices, train_indices, validation_split
+from featrecon.train.step import Schedule, Step, step_settings
+from featrecon.train.validate import evaluate
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -75,14 +70,13 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
         meta = store.meta
         trained, val = validation_split(store, train_indices(store, False), cfg.val_fraction)
     idx = trained[: batches * cfg.batch_size]
-    val = evaluation_indices(val, cfg)
+    val = evaluation_indices(val, cfg.eval_samples, cfg.seed)
     cfg = replace(resolve(cfg, meta), progress=False)
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = Decoder(decoder_config(cfg, meta)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    step = Step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), cfg, device,
-                step_settings(cfg, device))
+    step = Step(model, opt, Schedule(cfg.lr, total=1, warmup=0), cfg, device, step_settings(cfg, device))
     # Read as fit will read the whole train split: from RAM when it fits, else streamed (a K = 16 views
     # cache costed in RAM and streamed in training overran its budget by 18%).
     in_memory = {"yes": True, "no": False}.get(cfg.in_memory, fits_in_memory(meta, cfg.layers, len(trained)))

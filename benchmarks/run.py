@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featrecon.backbone import resolve_device
-from featrecon.data import discover_images
-from featrecon.extract import ExtractConfig, extract, with_device_defaults
+from featrecon.device import resolve_device
+from featrecon.extract.config import ExtractConfig
+from featrecon.extract.images import discover_images
+from featrecon.extract.run import extract, with_device_defaults
 
 from . import extraction, loader, storage, training
 from .common import drop_page_cache, machine
@@ -82,7 +83,7 @@ def _cache_for(args, root: Path, ids: list[str], work: Path, device) -> Path:
         return args.cache
     out = work / "bench_cache.zarr"
     extract(ExtractConfig(out=out, images=root, limit=len(ids), weights=args.weights, size=args.size,
-                          batch_size=args.batch_size, workers=args.workers, device=str(device), progress=False))
+                          batch_size=args.batch_size, workers=args.workers, device=str(device), progress=False, views=0))
     return out
 
 
@@ -150,7 +151,7 @@ def _provenance(run: dict, section: str) -> str:
 
 def _describe(cache: Path) -> str:
     """The cache sections 2-4 read, as the report names it."""
-    from featrecon.storage import open_cache
+    from featrecon.cache.factory import open_cache
 
     with open_cache(cache) as store:
         m = store.meta

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featrecon import remote
-from featrecon.loader import CacheLoader
-from featrecon.storage import open_cache
+from featrecon.cache import remote
+from featrecon.cache.factory import open_cache
+from featrecon.cache.loader import CacheLoader
 
 from .common import machine
 

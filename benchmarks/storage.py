@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featrecon import schema as S
-from featrecon.schema import Codec
-from featrecon.storage import create_cache, open_cache
+from featrecon.cache import schema as S
+from featrecon.cache.factory import create_cache, open_cache
+from featrecon.cache.schema import Codec
 
-from .common import disk_bytes as _disk_bytes, log
+from .common import disk_bytes as _disk_bytes
+from .common import log
 
 CODECS = ("none", "zstd:1", "zstd:3", "zstd:-3", "lz4", "blosc-zstd")
 
@@ -73,7 +74,7 @@ def checksum_cost(cache: Path, shards: int = 8, rounds: int = 3) -> dict:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from featrecon.zarr_shards import ShardEncoder
+    from featrecon.cache.shards import ShardEncoder
 
     with open_cache(cache) as store:
         meta = store.meta

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featrecon.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
-from featrecon.data import ImageDataset, collate_images
-from featrecon.decoders import Decoder
-from featrecon.loader import CacheLoader
-from featrecon.storage import open_cache
-from featrecon.step import Step, device_batches, step_settings
-from featrecon.train import TrainConfig, decoder_config, lr_lambda, resolve
+from featrecon.cache.factory import open_cache
+from featrecon.cache.loader import CacheLoader
+from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.images import ImageDataset, collate_images
+from featrecon.train.config import TrainConfig, resolve
+from featrecon.train.decoders import Decoder
+from featrecon.train.loop import decoder_config
+from featrecon.train.step import Schedule, Step, device_batches, step_settings
 
 from .common import log, sync
 
@@ -45,8 +46,7 @@ def _train_setup(cache: Path, device, batch: int, steps: int):
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, **({"fused": True} if settings.fused_adamw else {}))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10 * steps, cfg.warmup))
-        return Step(model, opt, sched, cfg, device, settings)
+        return Step(model, opt, Schedule(cfg.lr, 10 * steps, cfg.warmup), cfg, device, settings)
 
     return meta, settings, new_step, cfg.arch
 

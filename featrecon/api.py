@@ -8,27 +8,30 @@
     images = featrecon.reconstruct(decoder, cache, cache.indices("holdout")[:4])  # (4, 3, 224, 224) in [0, 1]
 
 `extract_features`, `train_decoder` and `score` are the three commands, with the same
-settings and defaults (their config dataclasses: `ExtractConfig`, `TrainConfig`,
-`ScoreConfig`). They are named after the commands because `featrecon.extract` and
-`featrecon.train` are the stage modules.
+settings and defaults: one config dataclass each (`ExtractConfig`, `TrainConfig`,
+`ScoreConfig`) defines both. They are named after the commands because `featrecon.extract`,
+`featrecon.train` and `featrecon.evaluate` are the stage packages.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-
-from . import FeatreconError
-from . import schema as S
-from .checkpoint import decoder_from_checkpoint, load_checkpoint, run_checkpoint
 from torch import nn
-from .storage import CacheStore
-from .storage import open_cache as _open_store
-from .zarr_shards import CorruptChunk
+
+from .cache import schema as S
+from .cache.base import CacheStore
+from .cache.factory import open_cache as _open_store
+from .errors import CorruptChunk, FeatreconError
+from .evaluate.config import ScoreConfig
+from .extract.config import ExtractConfig
+from .settings import from_python, location
+from .train.checkpoint import decoder_from_checkpoint, load_checkpoint, run_checkpoint
+from .train.config import TrainConfig
 
 Index = int | slice | Sequence[int] | np.ndarray
 
@@ -37,8 +40,6 @@ class Cache:
     """A feature cache, read-only. Arrays come back as numpy, samples in the order asked for."""
 
     def __init__(self, path: str | os.PathLike):
-        from .remote import location
-
         self.path = location(path)
         self._store: CacheStore = _open_store(self.path)
         self.meta: S.CacheMeta = self._store.meta
@@ -67,13 +68,16 @@ class Cache:
         """(N,) uint8: 0 pending, 1 done, 2 skipped (unreadable source file)."""
         return self._store.status()
 
-    def indices(self, split: str = "all") -> np.ndarray:
-        """The done samples of a split (train, holdout or all)."""
+    def indices(self, split: str = "all", views: bool = False) -> np.ndarray:
+        """The done samples of a split (train, holdout or all): their centre crops, the images that
+        are scored, or with `views` their extra training views too (see extract-features --views)."""
         if split not in ("train", "holdout", "all"):
             raise FeatreconError(f"split {split!r}: choose train, holdout or all")
         ok = self.status == S.STATUS_DONE
         if split != "all":
             ok &= self._store.read_all(S.SPLIT) == S.SPLIT_NAMES[split]
+        if not views:
+            ok &= self._store.centre()
         return np.flatnonzero(ok)
 
     def features(self, layer: str, idx: Index) -> np.ndarray:
@@ -100,7 +104,7 @@ class Cache:
     def close(self) -> None:
         self._store.close()
 
-    def __enter__(self) -> "Cache":
+    def __enter__(self) -> Cache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -155,39 +159,26 @@ def reconstruct(decoder: nn.Module, cache: Cache, idx: Index, batch_size: int = 
     return np.concatenate(out) if out else np.zeros((0, *cache.meta.image_shape), np.float32)
 
 
-_PATHS = ("out", "images", "labels", "class_map", "cache", "runs")
+def extract_features(**settings):
+    """Stage 1, as `extract-features`, with the same settings and defaults (`ExtractConfig`):
+    returns an ExtractResult."""
+    from .extract.run import extract
+
+    return extract(from_python(ExtractConfig, settings))
 
 
-def _paths(settings: dict) -> dict:
-    """Path-like settings as Paths (URLs of object stores stay strings), whatever the caller passed."""
-    from .remote import location
-
-    return {k: location(v) if k in _PATHS and v is not None else v for k, v in settings.items()}
-
-
-def extract_features(out: str | os.PathLike = "cache.zarr", **settings):
-    """Stage 1, as `extract-features`: returns an ExtractResult. Settings: see ExtractConfig."""
-    from .extract import ExtractConfig
-    from .extract import extract as run
-
-    return run(ExtractConfig(**_paths({"out": out, **settings})))
-
-
-def train_decoder(cache: str | os.PathLike = "cache.zarr", layer: str | Sequence[str] = "layer3",
-          out: str | os.PathLike | None = None, **settings) -> dict:
-    """Stage 2, as `train-decoder`: trains into `out` (default runs/<layer>) and returns the
-    last epoch's metrics. Settings: see TrainConfig."""
-    from .train import TrainConfig, fit
+def train_decoder(layer: str | Sequence[str], **settings) -> dict:
+    """Stage 2, as `train-decoder --layer LAYER`, with the same settings and defaults (`TrainConfig`):
+    trains into `out` (default runs/<layer>) and returns the last epoch's metrics."""
+    from .train.loop import fit
 
     layers = tuple(l.strip() for l in layer.split(",")) if isinstance(layer, str) else tuple(layer)
-    return fit(TrainConfig(layers=layers, **_paths({"cache": cache, "out": out or Path("runs") / "+".join(layers),
-                                                   **settings})))
+    return fit(from_python(TrainConfig, {"layers": layers, **settings}))
 
 
 def score(**settings) -> dict:
-    """Stage 3, as `score`: scores every run and writes the report; returns its metrics.
-    Settings: see ScoreConfig (cache, runs, split, out, ...)."""
-    from .evaluate import ScoreConfig
-    from .evaluate import score as run
+    """Stage 3, as `score`, with the same settings and defaults (`ScoreConfig`): scores every run and
+    writes the report; returns its metrics."""
+    from .evaluate.scoring import score as run
 
-    return run(ScoreConfig(**_paths(settings)))
+    return run(from_python(ScoreConfig, settings))

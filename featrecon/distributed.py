@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import FeatreconError
+from .errors import FeatreconError
 
 log = logging.getLogger(__name__)
 TIMEOUT_ENV = "FEATRECON_DIST_TIMEOUT"

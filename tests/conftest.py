@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from featrecon.data import sample_images_root
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png")
-SIZE = 64  # crop size used by the tests: every layer still has a spatial extent (layer4 2x2)
-
-
-def make_image_folder(root: Path, copies: int = 1) -> Path:
-    """Real photos in several modes and formats, `copies` times each under distinct names."""
-    src = sample_images_root()
-    root.mkdir(parents=True, exist_ok=True)
-    for c in range(copies):
-        for name in PHOTOS:
-            shutil.copy(src / name, root / f"{c:02d}_{name}")
-    return root
+from featrecon.extract.images import sample_images_root
+from tests.helpers import build_cache, make_image_folder
 
 
 @pytest.fixture(scope="session")
@@ -58,31 +43,8 @@ def awkward_dir(tmp_path_factory) -> Path:
     return root
 
 
-def direct_forward(model, images_uint8: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
-    """Reference features straight from torchvision's modules, fp32, no featrecon code."""
-    import torch
-
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = (torch.from_numpy(images_uint8).float() / 255 - mean) / std
-    out = {}
-    with torch.no_grad():
-        x = model.relu(model.bn1(model.conv1(x)))
-        out["stem"] = x.clone()
-        x = model.maxpool(x)
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(model, name)(x)
-            out[name] = x.clone()
-    return {k: out[k].numpy() for k in layers}
 
 
-def build_cache(out: Path, images: Path, **kw) -> Path:
-    from featrecon.extract import ExtractConfig, extract
-
-    base = dict(weights="random:0", size=SIZE, workers=0, batch_size=8, shard_size=4, progress=False, layers="all")
-    base.update(kw)
-    extract(ExtractConfig(out=out, images=images, **base))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import featrecon
-from featrecon import FeatreconError
-from featrecon import schema as S
-from featrecon.storage import open_cache
-
-from conftest import build_cache, make_image_folder
+from featrecon.cache import schema as S
+from featrecon.cache.factory import open_cache
+from featrecon.errors import FeatreconError
+from tests.helpers import build_cache, make_image_folder
 
 
 def test_cache_reads_samples_in_the_order_asked(small_cache):

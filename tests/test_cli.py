@@ -10,9 +10,9 @@ from featrecon import cli
 @pytest.fixture
 def no_slow_work(monkeypatch):
     """Weights, images, caches and checkpoints must not be touched before the arguments are checked."""
-    import featrecon.evaluate as E
-    import featrecon.extract as X
-    import featrecon.train as T
+    import featrecon.evaluate.scoring as E
+    import featrecon.extract.run as X
+    import featrecon.train.loop as T
 
     def touched(*a, **k):
         raise AssertionError("slow work started before the arguments were checked")
@@ -32,7 +32,7 @@ EXTRACT = [
     (["--weights", "random:x"], "the seed after 'random:' must be a non-negative integer"),
     (["--size", "16"], "--size 16: must be at least 32"),
     (["--size", "big"], "argument --size: invalid int value: 'big'"),
-    (["--dtype", "int8"], "--dtype 'int8': choose one of float16, float32"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["--codec", "gzip"], "--codec 'gzip': unknown codec"),
     (["--codec", "zstd:99"], "level must be between -131072 and 22"),
     (["--batch-size", "0"], "--batch-size and --shard-size must be at least 1"),
@@ -68,7 +68,7 @@ TRAIN = [
     (["--device", "tpu"], "--device 'tpu': not a device"),
 ]
 SCORE = [
-    (["--split", "test"], "--split 'test': choose one of holdout, train, all"),
+    (["--split", "test"], "argument --split: invalid choice: 'test'"),
     (["--which", "first"], "argument --which: invalid choice: 'first'"),
     (["--save", "-1"], "--save -1: must be 0 or more"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),

@@ -4,11 +4,7 @@ data-parallel training equals one process with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,39 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from featrecon import train as T
-from featrecon.storage import open_cache
-
-LAUNCH_TIMEOUT = 300  # seconds for one torchrun job; a hang fails the test instead of blocking CI
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _command(nproc: int, args, env: dict | None = None) -> tuple[list[str], dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "featrecon", *args]
-    return cmd, _env(env)
-
-
-def _env(extra: dict | None = None) -> dict:
-    """One thread per process, gloo on the loopback device, a short wait limit."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "FEATRECON_DIST_TIMEOUT": "60",
-            **(extra or {})}
-
-
-def torchrun(nproc: int, *args: str, cwd: Path, timeout: float = LAUNCH_TIMEOUT, env: dict | None = None):
-    """`torchrun --nproc-per-node=N -m featrecon ARGS` on 127.0.0.1; the completed process."""
-    cmd, run_env = _command(nproc, args, env)
-    return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
-
-
-def torchrun_background(nproc: int, *args: str, cwd: Path) -> subprocess.Popen:
-    cmd, env = _command(nproc, args)
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+from featrecon.cache.factory import open_cache
+from featrecon.train.config import TrainConfig
+from featrecon.train.loop import fit
+from featrecon.train.samples import train_indices, validation_split
+from tests.helpers import (
+    LAUNCH_TIMEOUT,
+    assert_same_cache,
+    make_image_folder,
+    one_process_run,
+    torchrun,
+    torchrun_background,
+)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -57,14 +32,14 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_ddp_training_equals_one_process_with_the_same_global_batch(zarr_cache, tmp_path):
     with open_cache(zarr_cache) as store:
-        train, _ = T.validation_split(store, T.train_indices(store, False), 0.2)
+        train, _ = validation_split(store, train_indices(store, False), 0.2)
     per_rank = max(b for b in (1, 2, 3, 4) if len(train) % (2 * b) == 0)  # whole global batches: same steps
     common = ["--cache", str(zarr_cache), "--layer", "layer2", "--arch", "espcn", "--width", "16", "--epochs", "2",
               "--crop", "32", "--val-fraction", "0.2", "--no-progress", "--device", "cpu"]
     done = torchrun(2, "train-decoder", *common, "--batch-size", str(per_rank), "--out", "ddp", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights identical on all 2 ranks" in done.stderr
-    T.fit(T.TrainConfig(cache=zarr_cache, layers=("layer2",), out=tmp_path / "one", epochs=2, batch_size=2 * per_rank,
+    fit(TrainConfig(cache=zarr_cache, layers=("layer2",), out=tmp_path / "one", epochs=2, batch_size=2 * per_rank,
                         arch="espcn", width=16, crop=32, val_fraction=0.2, progress=False, device="cpu"))
     ddp, one = _state(tmp_path / "ddp" / "last.pt"), _state(tmp_path / "one" / "last.pt")
     assert ddp.keys() == one.keys()
@@ -108,19 +83,11 @@ EXTRACT = ["--weights", "random:0", "--layers", "all", "--shard-size", "4", "--b
 @pytest.fixture(scope="module")
 def thirty_one(tmp_path_factory) -> Path:
     """30 real photos and one unreadable file: 8 shards of 4, the last one short, one record."""
-    from conftest import make_image_folder
-
     root = make_image_folder(tmp_path_factory.mktemp("x31"), copies=5)
     (root / "zz_broken.jpg").write_text("not an image\n")
     return root
 
 
-def one_process_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m featrecon ARGS` with one thread, as each torchrun rank has here: oneDNN's
-    float32 sums depend on how a convolution is split between threads, so byte equality
-    holds between runs with the same threads per process."""
-    return subprocess.run([sys.executable, "-m", "featrecon", *args], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +98,8 @@ def one_process(thirty_one, tmp_path_factory) -> Path:
     return out
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def assert_same_cache(a: Path, b: Path, skipped: bool = True) -> None:
-    """Every array, record and status chunk byte for byte; the root attributes but the creation time."""
-    fa, fb = _files(a), _files(b)
-    assert sorted(fa) == sorted(fb)
-    different = [name for name in fa if name != "zarr.json" and fa[name] != fb[name]]
-    assert not different, different[:10]
-    ra, rb = (json.loads(f["zarr.json"])["attributes"] for f in (fa, fb))
-    for r in (ra, rb):
-        r["featrecon"].pop("created")
-    assert ra == rb
-    if skipped:
-        assert ra["skipped"] and list(ra["skipped"]) == ["zz_broken.jpg"]
 
 
 def test_torchrun_extraction_writes_one_cache_equal_to_one_process(thirty_one, one_process, tmp_path):

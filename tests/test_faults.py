@@ -19,18 +19,20 @@ import pytest
 import torch
 from PIL import Image
 
-from featrecon import FeatreconError
-from featrecon import schema as S
-from featrecon import train as T
 from featrecon.api import open_cache as api_open
+from featrecon.cache import schema as S
+from featrecon.cache.factory import open_cache
 from featrecon.cli import extract_main, score_main, train_main, verify_main
-from featrecon.evaluate import ScoreConfig, score
-from featrecon.extract import ExtractConfig, extract
-from featrecon.lock import WriterLock
-from featrecon.storage import open_cache
-from featrecon.zarr_shards import CorruptChunk
-
-from conftest import SIZE, build_cache, make_image_folder
+from featrecon.errors import CorruptChunk, FeatreconError
+from featrecon.evaluate.config import ScoreConfig
+from featrecon.evaluate.scoring import score
+from featrecon.extract.config import ExtractConfig
+from featrecon.extract.run import extract
+from featrecon.train import loop
+from featrecon.train.checkpoint import atomic_save
+from featrecon.train.config import TrainConfig
+from featrecon.train.loop import fit
+from tests.helpers import SIZE, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # seconds any child process may take: a hang fails the test
@@ -48,7 +50,7 @@ def cli_args(out: Path, images: Path, *extra: str) -> list[str]:
 
 
 def child(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
                           timeout=TIMEOUT, env=env, **kw)
 
@@ -90,7 +92,7 @@ def clean(tmp_path_factory, images) -> dict[str, Path]:
 def runs(tmp_path_factory, clean) -> Path:
     """A decoder trained on the clean Zarr cache, for the commands that need one."""
     folder = tmp_path_factory.mktemp("runs")
-    T.fit(T.TrainConfig(cache=clean[".zarr"], out=folder / "layer1", layers=("layer1",), epochs=1, batch_size=4,
+    fit(TrainConfig(cache=clean[".zarr"], out=folder / "layer1", layers=("layer1",), epochs=1, batch_size=4,
                         width=32, progress=False, eval_samples=4))
     return folder
 
@@ -182,7 +184,7 @@ def test_a_deleted_chunk_of_a_small_array_stops_every_command_in_one_line(tmp_pa
 WRITER = """
     import sys, time
     from pathlib import Path
-    from featrecon.lock import WriterLock
+    from featrecon.cache.lock import WriterLock
     with WriterLock(sys.argv[1]):
         Path(sys.argv[2]).write_text("held")
         time.sleep(float(sys.argv[3]))
@@ -242,7 +244,7 @@ def test_two_extractions_started_together_give_one_good_cache(tmp_path, images, 
 
 KILL_AT = """
     import os, sys
-    from featrecon.storage import H5CacheStore
+    from featrecon.cache.h5_store import H5CacheStore
     from featrecon.cli import extract_main
     moment, after = sys.argv[1], int(sys.argv[2])
     calls = {"n": 0}
@@ -272,7 +274,7 @@ def test_an_old_hdf5_cache_left_open_for_writing_by_a_kill_is_cleared_and_resume
     """Caches written with HDF5's newest format (featrecon up to 0.2) kept a flag a kill left set."""
     import h5py
 
-    from featrecon.h5_store import _lookup3
+    from featrecon.cache.h5_store import lookup3
 
     out = tmp_path / "old.h5"
     with h5py.File(clean[".h5"], "r") as src, h5py.File(out, "w", libver="latest") as dst:
@@ -291,7 +293,7 @@ def test_an_old_hdf5_cache_left_open_for_writing_by_a_kill_is_cleared_and_resume
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(out, "r", locking=False)
     head = out.read_bytes()[:48]
-    assert _lookup3(head[:44]) == int.from_bytes(head[44:], "little")  # our checksum is HDF5's
+    assert lookup3(head[:44]) == int.from_bytes(head[44:], "little")  # our checksum is HDF5's
     assert extract_main(cli_args(out, images)) == 0
     assert "cleared the 'open for writing' mark" in caplog.text
     assert_same_cache(out, clean[".h5"])
@@ -313,7 +315,7 @@ FULL_DISK = """
 
 @pytest.mark.parametrize("suffix", [".h5", ".zarr"])
 def test_a_full_disk_ends_in_one_line_and_the_rerun_equals_a_clean_cache(tmp_path, images, clean, suffix):
-    from featrecon.h5_store import RESERVE_MARGIN
+    from featrecon.cache.h5_store import RESERVE_MARGIN
 
     out = tmp_path / f"c{suffix}"
     shard = 4 * (3 * SIZE * SIZE + 64 * (SIZE // 4) ** 2 * 2)  # a shard's images and layer1, uncompressed
@@ -331,7 +333,7 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_equals_a_clean_cache(tmp_pat
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_a_full_disk_or_a_kill_while_the_cache_is_created_leaves_nothing_half_made(tmp_path, images, clean, suffix,
                                                                                     monkeypatch):
-    from featrecon import storage
+    from featrecon.cache import factory as storage
 
     out = tmp_path / f"c{suffix}"
     real = storage._BACKENDS[suffix.strip(".").replace("h5", "hdf5")].create
@@ -422,7 +424,7 @@ def test_damaged_root_metadata_is_one_line_in_every_command(tmp_path, images, cl
 
 def _train_cfg(cache, out, **kw):
     base = dict(layers=("layer1",), epochs=4, batch_size=4, width=32, lr=3e-3, progress=False, eval_samples=8)
-    return T.TrainConfig(cache=cache, out=out, **{**base, **kw})
+    return TrainConfig(cache=cache, out=out, **{**base, **kw})
 
 
 def _weights(path: Path) -> dict:
@@ -432,23 +434,23 @@ def _weights(path: Path) -> dict:
 def test_a_kill_between_checkpoint_writes_leaves_no_stale_best(tmp_path, clean, monkeypatch, caplog):
     cache = clean[".zarr"]
     whole = tmp_path / "whole"
-    T.fit(_train_cfg(cache, whole))
+    fit(_train_cfg(cache, whole))
     best = _weights(whole / "best.pt")
     e = best["epoch"]
     # The same run, killed right after best.pt of the best epoch was written (before last.pt) ...
     killed = tmp_path / "killed"
-    real = T.atomic_save
+    real = atomic_save
 
     def save(obj, path):
         real(obj, path)
         if path.name == "best.pt" and obj["epoch"] == e:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "atomic_save", save)
+    monkeypatch.setattr(loop, "atomic_save", save)
     with pytest.raises(KeyboardInterrupt):
-        T.fit(_train_cfg(cache, killed))
+        fit(_train_cfg(cache, killed))
     monkeypatch.undo()
-    T.fit(_train_cfg(cache, killed, resume=True))
+    fit(_train_cfg(cache, killed, resume=True))
     # ... and, the other way round, a best.pt left behind by a kill: lost, or an older epoch's.
     behind = whole
     (behind / "best.pt").unlink()
@@ -458,7 +460,7 @@ def test_a_kill_between_checkpoint_writes_leaves_no_stale_best(tmp_path, clean, 
         mine = next(r for r in got if r["run"] == run.name)
         assert mine["epochs"] == e
     assert "using the best weights recorded in last.pt" in caplog.text
-    T.fit(_train_cfg(cache, behind, resume=True, epochs=4))
+    fit(_train_cfg(cache, behind, resume=True, epochs=4))
     for run in (killed, behind):
         rebuilt = _weights(run / "best.pt")
         assert rebuilt["epoch"] == e
@@ -471,7 +473,7 @@ def test_a_kill_between_checkpoint_writes_leaves_no_stale_best(tmp_path, clean, 
 def test_an_old_run_with_a_stale_best_is_refused_not_scored(tmp_path, clean, capsys):
     cache = clean[".zarr"]
     run = tmp_path / "runs" / "layer1"
-    T.fit(_train_cfg(cache, run, epochs=2))
+    fit(_train_cfg(cache, run, epochs=2))
     last = _weights(run / "last.pt")
     for key in ("best_epoch", "best_model"):  # as featrecon 0.2 wrote it
         last.pop(key)
@@ -489,12 +491,12 @@ def test_an_old_run_with_a_stale_best_is_refused_not_scored(tmp_path, clean, cap
 
 
 def test_score_writes_only_under_out_and_reads_only_inside_the_images_folder(tmp_path, images, clean, monkeypatch):
-    from featrecon.evaluate import safe_name
+    from featrecon.evaluate.scoring import safe_name
 
     assert safe_name("..") == "run" and "/" not in safe_name("../../etc/x") and not safe_name("../x").startswith(".")
     cache = tmp_path / "c.zarr"
     shutil.copytree(clean[".zarr"], cache)
-    T.fit(_train_cfg(cache, tmp_path / "run", epochs=1))
+    fit(_train_cfg(cache, tmp_path / "run", epochs=1))
     (tmp_path / "run" / "inside").mkdir()
     monkeypatch.chdir(tmp_path / "run" / "inside")  # score --checkpoint ../last.pt --out report, from in there
     before = set(tmp_path.rglob("*"))

@@ -58,7 +58,7 @@ def test_normalised_tensors_are_refused():
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with pytest.raises(ValueError, match="normalis"):
         check_unit_range((a - mean) / std, (b - mean) / std)
-    from featrecon.evaluate import measure
+    from featrecon.train.validate import measure
 
     with pytest.raises(ValueError):
         measure((a - mean) / std, b)

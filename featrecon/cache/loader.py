@@ -1,0 +1,306 @@
+"""Batches from the feature cache at the speed of the codec.
+
+Each epoch's plan (`plan`) says, before anything is read, which batch slot every sample
+goes to. A pool of `threads` threads then reads whole shards (one sequential read each,
+`prefetch` shards ahead of the consumer) and decodes every sample straight into its slot
+of the batch buffer: one decompression and no other copy on Zarr caches (see `shards`), a
+read and one copy on HDF5. The codecs release the GIL, so the rate grows with the threads.
+On CUDA the batch buffers are pinned, so their copy to the device can run while the
+previous step computes (`train.step.device_batches`).
+
+With `in_memory`, the requested samples are decoded once into RAM and each batch is one
+gather from there. Batches stay float16/uint8 on the host (half the bytes to move); the
+training step converts them to float32 on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CorruptChunk, FeatreconError
+from . import remote
+from . import schema as S
+from .base import CacheStore
+from .factory import open_cache
+from .plan import Block, blocks, epoch_plan, steps_per_epoch
+
+log = logging.getLogger(__name__)
+REMOTE_THREADS = 32  # shard reads in flight on an object store
+
+
+@dataclass
+class Batch:
+    features: list[torch.Tensor]  # per layer (B, C, H, W), stored dtype
+    images: torch.Tensor  # (B, 3, H, W) uint8
+    indices: np.ndarray  # (B,) sample indices in the cache
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def bytes_per_sample(meta: S.CacheMeta, layers: tuple[str, ...]) -> int:
+    item = np.dtype(meta.dtype).itemsize
+    feats = sum(int(np.prod(meta.layers[l])) * item for l in layers)
+    return feats + int(np.prod(meta.image_shape))
+
+
+def fits_in_memory(meta: S.CacheMeta, layers: tuple[str, ...], n: int) -> bool:
+    """in_memory="auto": n samples of these layers take under 30% of the memory available now."""
+    return n * bytes_per_sample(meta, layers) < 0.3 * available_memory()
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+class BufferPool:
+    """Batch buffers ({array name: (n, ...) tensor}), recycled when `reuse`. Fresh buffers of tens
+    of MB come from mmap and cost a page fault per 4 KiB on first touch (measured in
+    benchmarks/RESULTS.md, section 3); pinned ones come from PyTorch's caching host allocator,
+    which already reuses them."""
+
+    def __init__(self, shapes: dict[str, tuple], pin_memory: bool, reuse: bool):
+        self.shapes, self.pin_memory, self.reuse = shapes, pin_memory, reuse and not pin_memory
+        self._free: dict[int, list[dict[str, torch.Tensor]]] = {}
+
+    def take(self, n: int) -> dict[str, torch.Tensor]:
+        if self._free.get(n):
+            return self._free[n].pop()
+        return {name: torch.empty((n, *shape), dtype=torch_dtype(dtype), pin_memory=self.pin_memory)
+                for name, (shape, dtype) in self.shapes.items()}
+
+    def give_back(self, buffers: dict[str, torch.Tensor]) -> None:
+        if self.reuse:
+            n = len(next(iter(buffers.values())))
+            self._free.setdefault(n, []).append(buffers)
+
+
+class CorruptSamples:
+    """What a reader does with a sample whose stored chunk fails its checks or is missing: an error
+    naming it (the default), or with `skip` a warning, and the sample left out of every batch."""
+
+    def __init__(self, path, store_of, skip: bool):
+        self.path, self._store_of, self.skip = path, store_of, skip
+        self.found: set[int] = set()
+        self._lock = threading.Lock()
+
+    def on_error(self):
+        """The `on_error` callback for a row reader: None (raise) unless skipping."""
+        return self._note if self.skip else None
+
+    def _note(self, e: CorruptChunk) -> None:
+        with self._lock:
+            if e.sample not in self.found:
+                self.found.add(e.sample)
+                log.warning("%s", self.error(e, skipped=True))
+
+    def error(self, e: CorruptChunk, skipped: bool = False) -> FeatreconError:
+        return FeatreconError(
+            f"{self.path}: {self._store_of().where(e)}: {e.why}; "
+            + ("left out (--skip-corrupt); " if skipped else "")
+            + f"the cache is damaged: run `featrecon verify {self.path} --repair`, then the original "
+            "extract-features command again" + ("" if skipped else " (or pass --skip-corrupt to leave such samples out)"))
+
+    def drop(self, buffers: dict[str, torch.Tensor], indices: np.ndarray):
+        """The batch without the samples found damaged so far (None if none is left)."""
+        bad = np.isin(indices, list(self.found)) if self.found else None
+        if bad is None or not bad.any():
+            return buffers, indices
+        keep = np.flatnonzero(~bad)
+        if len(keep) == 0:
+            return None
+        return {n: b.index_select(0, torch.from_numpy(keep)) for n, b in buffers.items()}, indices[keep]
+
+
+class CacheLoader:
+    """Iterate `epoch(e)` for batches of the samples `indices` of a cache."""
+
+    def __init__(self, path: Path, layers: tuple[str, ...], indices: np.ndarray, batch_size: int,
+                 shuffle: bool = True, seed: int = 0, prefetch: int | None = None, window: int = 4,
+                 in_memory: bool | str = "auto", pin_memory: bool = False, threads: int | None = None,
+                 reuse_buffers: bool = False, skip_corrupt: bool = False, fmt: str | None = None,
+                 rank: int = 0, world: int = 1):
+        """`reuse_buffers`: a batch's buffers are recycled once the next batch is asked for (for
+        callers done with a batch by then). `rank`, `world`: data parallel; every rank computes the
+        same plan and reads its part of each global batch (see `plan.epoch_plan`)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of a world of {world}")
+        self.path, self.fmt = (path if remote.is_url(path) else Path(path)), fmt
+        self.rank, self.world = rank, world
+        self.layers = tuple(layers)
+        self.indices = np.sort(np.asarray(indices, dtype=np.int64))
+        self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, max(1, window)
+        # An object store answers each read after a round trip: many reads in flight hide it.
+        self.threads = max(1, threads or (REMOTE_THREADS if remote.is_url(path) else default_threads()))
+        self.prefetch = max(1, prefetch or 2 * self.threads)  # shards read ahead of the consumer
+        self.names = [S.feature_path(l) for l in self.layers] + [S.IMAGES]
+        self._store: CacheStore | None = None
+        self._readers: dict | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        meta = self.store.meta
+        layout = meta.sample_arrays()
+        self.shapes = {n: layout[n] for n in self.names}  # name -> (per-sample shape, dtype) of what is read
+        self.buffers = BufferPool(self.shapes, pin_memory, reuse_buffers)
+        self.damage = CorruptSamples(self.path, lambda: self.store, skip_corrupt)
+        self.in_memory = bool(fits_in_memory(meta, self.layers, len(self.indices)) if in_memory == "auto" else in_memory)
+        self._ram: dict[str, torch.Tensor] | None = None
+        self.blocks = blocks(self.indices, meta.shard_size)
+
+    @property
+    def corrupt(self) -> set[int]:
+        """The samples left out as damaged so far (with skip_corrupt)."""
+        return self.damage.found
+
+    @property
+    def store(self) -> CacheStore:
+        if self._store is None:
+            self._store = open_cache(self.path, "r", self.fmt)
+        return self._store
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.indices), self.batch_size, self.world)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+            self._readers = None
+
+    # ------------------------------------------------------------------ reading
+
+    def _reader(self, name: str):
+        if self._readers is None:
+            self._readers = {n: self.store.row_reader(n) for n in self.names}
+        return self._readers[name]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cache-read")
+        return self._pool
+
+    def _decode(self, block: Block, slots: dict[str, list[np.ndarray]]) -> None:
+        """Decode the block's rows of every array into their slots (one buffer per row)."""
+        try:
+            for name in self.names:
+                self._reader(name).read(block.k, block.rows, slots[name], on_error=self.damage.on_error())
+        except CorruptChunk as e:
+            raise self.damage.error(e) from None
+
+    def _batches(self, filled: Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]) -> Iterator[Batch]:
+        """Batches from (buffers, indices), without the samples found damaged; each batch's buffers
+        go back to the pool when the caller asks for the next one."""
+        for buffers, indices in filled:
+            kept = self.damage.drop(buffers, indices)
+            if kept is None:
+                continue
+            yield Batch([kept[0][n] for n in self.names[:-1]], kept[0][S.IMAGES], kept[1])
+            self.buffers.give_back(kept[0])
+
+    def plan(self, epoch: int) -> tuple[list[int], np.ndarray]:
+        """This rank's plan of `epoch` (see `plan.epoch_plan`)."""
+        return epoch_plan([len(b.rows) for b in self.blocks], self.batch_size, self.seed, epoch, self.shuffle,
+                          self.window, self.rank, self.world)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """Batches of one epoch. The order depends only on (seed, epoch)."""
+        return self._batches(self._memory_epoch(epoch) if self.in_memory else self._stream_epoch(epoch))
+
+    def _stream_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+        order, seq = self.plan(epoch)
+        bs, n = self.batch_size, len(seq)
+        batch_of = np.arange(n) // bs
+        # For each block (in reading order): the batch slots its rows go to, and the last
+        # block each batch needs before it is complete.
+        slots_of = [[] for _ in order]
+        for s, (p, r) in enumerate(seq.tolist()):
+            slots_of[p].append((r, s))
+        last_block = np.zeros((n + bs - 1) // bs, dtype=np.int64)
+        np.maximum.at(last_block, batch_of, seq[:, 0])
+        buffers: dict[int, dict[str, torch.Tensor]] = {}
+        futures: list[Future] = []
+        pool = self._executor()
+
+        def submit(p: int) -> None:
+            block, pairs = self.blocks[order[p]], sorted(slots_of[p])  # (row, position in the sequence)
+            if not pairs:
+                futures.append(_DONE)
+                return
+            if len(pairs) < len(block.rows):  # another rank reads the others (or the plan was cut)
+                block = Block(block.k, block.start, block.rows[[r for r, _ in pairs]])
+            slots: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+            for _, s in pairs:
+                b = s // bs
+                if b not in buffers:
+                    buffers[b] = self.buffers.take(min(bs, n - b * bs))
+                for name in self.names:
+                    slots[name].append(buffers[b][name][s - b * bs].numpy())
+            futures.append(pool.submit(self._decode, block, slots))
+
+        try:
+            for b in range(len(last_block)):
+                while len(futures) < len(order) and len(futures) <= last_block[b] + self.prefetch:
+                    submit(len(futures))
+                part = seq[b * bs: (b + 1) * bs]
+                for p in range(int(part[:, 0].min()), int(last_block[b]) + 1):
+                    futures[p].result()  # a batch is whole once every block it draws from is decoded
+                yield buffers.pop(b), self._sample_indices(order, part)
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _load_ram(self) -> dict[str, torch.Tensor]:
+        """Every requested sample, decoded once, in index order."""
+        if self._ram is None:
+            ram = {name: torch.empty((len(self.indices), *shape), dtype=torch_dtype(dtype))
+                   for name, (shape, dtype) in self.shapes.items()}
+            pool, futures, at = self._executor(), [], 0
+            for block in self.blocks:
+                slots = {name: [ram[name][at + j].numpy() for j in range(len(block.rows))] for name in self.names}
+                futures.append(pool.submit(self._decode, block, slots))
+                at += len(block.rows)
+            for f in futures:
+                f.result()
+            self._ram = ram
+        return self._ram
+
+    def _memory_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+        ram = self._load_ram()
+        order, seq = self.plan(epoch)
+        # The plan's (block, row) pairs as positions in RAM, which holds the blocks in index order.
+        offsets = np.cumsum([0] + [len(b.rows) for b in self.blocks])
+        rows = offsets[np.asarray(order, dtype=np.int64)[seq[:, 0]]] + seq[:, 1]
+        for s in range(0, len(rows), self.batch_size):
+            take = torch.from_numpy(rows[s: s + self.batch_size])
+            buffers = self.buffers.take(len(take))
+            for name in self.names:
+                torch.index_select(ram[name], 0, take, out=buffers[name])
+            yield buffers, self.indices[take.numpy()]
+
+    def _sample_indices(self, order: list[int], part: np.ndarray) -> np.ndarray:
+        """Cache indices of (position in the block order, row) pairs."""
+        return np.array([self.blocks[order[p]].start + self.blocks[order[p]].rows[r] for p, r in part.tolist()],
+                        dtype=np.int64)
+
+
+_DONE: Future = Future()
+_DONE.set_result(None)

@@ -1,0 +1,45 @@
+"""score's settings: one definition for the command and the Python API (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache.remote import is_url
+from ..errors import FeatreconError
+from ..settings import LOCATION, PATH, setting
+
+SPLITS = ("holdout", "train", "all")
+WHICH = ("best", "last")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    cache: Path | str = setting(Path("cache.zarr"), parse=LOCATION, help="the cache to score on (need not be the "
+                                "one trained on): a folder, .h5 file or Zarr URL")
+    runs: Path = setting(Path("runs"), parse=PATH, help="folder searched for run checkpoints (*/last.pt)")
+    checkpoints: tuple[Path, ...] = setting(flag="--checkpoint", parse=PATH, repeat=True, factory=tuple,
+                                            help="score these checkpoint files instead of searching --runs")
+    which: str = setting("best", choices=WHICH, help="checkpoint of each run folder")
+    split: str = setting("holdout", choices=SPLITS, help="the split to score")
+    out: Path = setting(Path("report"), parse=PATH, help="report folder: nothing is written outside it")
+    images: Path | str | None = setting(None, parse=LOCATION, help="source folder or URL prefix of the originals "
+                                        "(default: the one recorded in the cache)")
+    save: int = setting(8, parse=int, help="images saved as original_X.png / reconstruction_X.png per run")
+    batch_size: int = setting(16, parse=int, help="images per reconstruction batch")
+    device: str = setting("auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    skip_corrupt: bool = setting(False, help="leave out samples whose stored chunks fail their checksum or are "
+                                 "missing (counted in the report) instead of stopping")
+    progress: bool = setting(True, negate="--no-progress", help="no progress bar")
+
+    def validate(self) -> None:
+        """One clear error for the first bad setting, before any checkpoint or cache is read."""
+        for flag, value, choices in (("--split", self.split, SPLITS), ("--which", self.which, WHICH)):
+            if value not in choices:
+                raise FeatreconError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        if self.save < 0:
+            raise FeatreconError(f"--save {self.save}: must be 0 or more")
+        if self.batch_size < 1:
+            raise FeatreconError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.images is not None and not is_url(self.images) and not Path(self.images).is_dir():
+            raise FeatreconError(f"--images {self.images}: folder not found; point it at the originals' folder")

@@ -1,0 +1,84 @@
+"""score's report: report.md, metrics.json, the grid across depths and the depth plot."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..cache import schema as S
+from ..cache.base import CacheStore
+from ..figures import image_grid, plot_psnr_by_layer
+from ..train.checkpoint import write_json
+from .config import ScoreConfig
+
+log = logging.getLogger(__name__)
+
+
+# Below this many images a 95% interval is too wide to say anything (3 images: +-12 dB);
+# the report gives means and says so, and metrics.json keeps the per-image values.
+MIN_INTERVAL_N = 10
+
+
+def _fmt(s: dict, digits: int) -> str:
+    if s["mean"] is None:
+        return "-"
+    if s["ci95"] is None or not np.isfinite(s["mean"]) or s["n"] < MIN_INTERVAL_N:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| run | layer(s) | parameters | checkpoint epoch | n images | MSE | PSNR (dB) | SSIM |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['layers']} | {r['parameters']:,} | {r['epochs']} | {r['n']} | "
+                     f"{_fmt(r['mse'], 5)} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 3)} |")
+    return "\n".join(lines)
+
+
+def _depth_key(store: CacheStore):
+    order = list(store.meta.layers)
+    return lambda r: (max(order.index(l) for l in r["layers"].split("+")), r["layers"], r["run"])
+
+
+def write_report(cfg: ScoreConfig, store: CacheStore, rows: list[dict], baseline: dict, originals: dict,
+                  idx: np.ndarray, recon: dict, corrupt: list[int]) -> dict:
+    rows = sorted(rows, key=_depth_key(store))
+    table = _table([*rows, baseline])
+    meta = store.meta
+    header = (f"# featrecon report\n\ncache `{store.path}` ({meta.weights}, {meta.preprocessing.crop} px), "
+              f"split `{cfg.split}`: {len(idx)} images. Metrics on [0, 1] RGB, mean ± 95% CI half-width.\n")
+    if len(idx) < MIN_INTERVAL_N:
+        header += (f"\n**Only {len(idx)} images**: too few for a confidence interval, so the table gives means "
+                   "alone; read them as an illustration, not a measurement (per-image values in metrics.json).\n")
+    if meta.views:
+        header += (f"\nThe decoders trained on {meta.views} extra random-resized views of each training image "
+                   f"as well as its centre crop (extract-features --views); only centre crops are scored.\n")
+    orig = (f"\nOriginals re-read from `{cfg.images or meta.source_root}`: {originals['equal']} of "
+            f"{originals['checked']} equal to the cached target, {originals['missing']} missing, "
+            f"{originals['changed']} changed, {originals['unreadable']} unreadable"
+            + (f", {originals['refused']} refused (ids outside the images folder)" if originals["refused"] else "")
+            + ".\n")
+    if corrupt:
+        orig += (f"\n**{len(corrupt)} damaged sample(s) left out** (--skip-corrupt; their stored chunks fail their "
+                 f"checksum): {', '.join(map(str, corrupt[:20]))}. `featrecon verify {store.path} --repair` finds "
+                 "and marks them for re-extraction.\n")
+    if meta.weights.startswith("random"):
+        orig += ("\n**Random backbone weights**: these numbers describe a randomly initialised ResNet-50, "
+                 "not a trained one.\n")
+    md = header + "\n" + table + "\n" + orig + "\n![grid](grid.png)\n\n![PSNR by layer](psnr_by_layer.png)\n"
+    (cfg.out / "report.md").write_text(md)
+    print("\n" + table + "\n" + orig)
+    report = {"cache": str(store.path), "split": cfg.split, "n": int(len(idx)), "weights": meta.weights,
+              "views": meta.views,
+              "runs": rows, "baseline": baseline, "originals": originals, "corrupt_skipped": corrupt}
+    write_json(report, cfg.out / "metrics.json")
+    grid_idx = [i for i in idx[: min(cfg.save, 6)].tolist() if all(i in recon[r["run"]] for r in rows)]
+    if grid_idx and rows:
+        columns = [("original", {i: store.read(S.IMAGES, i, i + 1)[0] for i in grid_idx})]
+        columns += [(f"{r['layers']}\n{r['psnr']['mean']:.1f} dB", recon[r["run"]]) for r in rows]
+        image_grid(grid_idx, columns, cfg.out / "grid.png")
+    plot_psnr_by_layer(rows, baseline, cfg.out / "psnr_by_layer.png")
+    log.info("report written to %s (report.md, metrics.json, grid.png, psnr_by_layer.png)", cfg.out)
+    return report

@@ -1,0 +1,197 @@
+"""The decoder's training step at device speed, and how batches reach it.
+
+`device_batches` moves the loader's float16/uint8 batches to the device (on CUDA: pinned,
+copied on a side stream one batch ahead) and converts them there; `Step` runs one
+optimisation step with the device's precision, layout and compile settings
+(`step_settings`) at the learning rate of its `Schedule`; `random_crop` cuts training
+windows for `--crop`. `loop.fit` puts them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache.loader import Batch
+from ..metrics import ssim
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(Exception):
+    pass
+
+
+class Schedule:
+    """The learning rate at each step: a linear warm-up over `warmup` of the `total` steps, then a
+    cosine to zero. A pure function of the step, so a resumed run (with any number of ranks, and so
+    of steps per epoch) continues at the same point: the one after its epochs."""
+
+    def __init__(self, peak: float, total: int, warmup: float):
+        self.peak, self.total, self.warm = peak, total, max(1, int(round(total * warmup)))
+
+    def factor(self, step: int) -> float:
+        if step < self.warm:
+            return (step + 1) / self.warm
+        progress = (step - self.warm) / max(1, self.total - self.warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def lr(self, step: int) -> float:
+        return self.peak * self.factor(step)
+
+    def set(self, opt: torch.optim.Optimizer, step: int) -> None:
+        for group in opt.param_groups:
+            group["lr"] = self.lr(step)
+
+
+def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    if cfg.loss == "l1":
+        return F.l1_loss(pred, target)
+    loss = F.mse_loss(pred, target)
+    if cfg.loss == "mse+ssim":
+        loss = loss + cfg.ssim_weight * (1 - ssim(pred, target).mean())
+    return loss
+
+
+def to_device(batch: Batch, device: torch.device, channels_last: bool = False, window=None,
+              i: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """fp16 features -> fp32 and uint8 images -> [0, 1] floats, on the device (the narrow
+    types cross the bus; the conversion runs where the step runs). `window(i, features,
+    images)`, if given, cuts the i-th batch's training window first, so that only the window
+    is converted (a 64-px window of layer1 is 1/12 of its cells)."""
+    feats = [f.to(device, non_blocking=True) for f in batch.features]
+    images = batch.images.to(device, non_blocking=True)
+    return _convert(feats, images, channels_last, window, i)
+
+
+def _convert(feats, images, channels_last: bool, window, i: int):
+    if window is not None:
+        feats, images = window(i, feats, images)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [f.to(torch.float32, memory_format=fmt) for f in feats], images.float() / 255
+
+
+def device_batches(batches, device: torch.device, channels_last: bool = False, window=None):
+    """(batch, features, target) on the device, cut by `window` (see `to_device`). On CUDA the
+    next batch's copy from pinned memory is issued on a side stream before the current batch is
+    handed out, so it runs while the step computes; the step's stream waits for it only when it
+    needs it."""
+    if device.type != "cuda":
+        for i, b in enumerate(batches):
+            yield (b, *to_device(b, device, channels_last, window, i))
+        return
+    copy = torch.cuda.Stream(device)
+
+    def issue(b: Batch):
+        copy.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(copy):
+            feats = [f.to(device, non_blocking=True) for f in b.features]
+            images = b.images.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy)
+        return b, feats, images, done
+
+    def finish(i, b, feats, images, done):
+        main = torch.cuda.current_stream(device)
+        main.wait_event(done)
+        for t in (*feats, images):
+            t.record_stream(main)  # the copy stream's allocations are used on the main stream
+        return (b, *_convert(feats, images, channels_last, window, i))
+
+    ahead, i = None, 0
+    for b in batches:
+        issued = issue(b)
+        if ahead is not None:
+            yield finish(i, *ahead)
+            i += 1
+        ahead = issued
+    if ahead is not None:
+        yield finish(i, *ahead)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How the step runs on this device, resolved from the config."""
+
+    autocast: bool  # bf16 autocast around the decoder's forward
+    channels_last: bool  # NHWC activations and weights
+    compile: bool  # torch.compile the decoder
+    fused_adamw: bool
+
+
+def step_settings(cfg: TrainConfig, device: torch.device) -> StepSettings:
+    """Defaults per device, as measured (benchmarks/RESULTS.md, section 4): on a CPU fp32, eager and
+    channels-last (oneDNN's NHWC convolutions were faster; bf16 autocast was far slower and
+    torch.compile gave nothing on 2 cores). On CUDA bf16, channels-last (tensor-core
+    convolutions), fused AdamW and a compiled step are the standard fast path."""
+    cuda = device.type == "cuda"
+    autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    return StepSettings(autocast=autocast, channels_last=True, fused_adamw=cuda,
+                        compile=cfg.compile == "yes" or (cfg.compile == "auto" and cuda))
+
+
+class Step:
+    """One optimisation step of the decoder: forward (under autocast when asked), loss,
+    backward, AdamW, schedule. With `compile`, the decoder runs through torch.compile; if
+    compiling fails on the first step, a one-line warning and the eager decoder."""
+
+    def __init__(self, model, opt, schedule: Schedule, cfg: TrainConfig, device: torch.device,
+                 settings: StepSettings, steps_done: int = 0):
+        self.model, self.opt, self.schedule, self.cfg, self.device, self.settings = model, opt, schedule, cfg, device, settings
+        self.steps_done = steps_done  # optimisation steps taken so far: the schedule's position
+        self.forward = torch.compile(model) if settings.compile else model
+        self._compiled_ok = not settings.compile
+
+    def __call__(self, feats: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if self._compiled_ok:
+            return self._run(feats, target)
+        try:
+            loss = self._run(feats, target)
+        except Diverged:
+            raise
+        except Exception as e:  # inductor raises many types; any of them means: run eagerly
+            log.warning("torch.compile of the decoder failed (%s: %s); training eagerly", type(e).__name__,
+                        (str(e).strip().splitlines() or [""])[0][:200])
+            self.forward = self.model
+            loss = self._run(feats, target)
+        self._compiled_ok = True
+        return loss
+
+    def _run(self, feats, target):
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast):
+            pred = self.forward(feats)
+        loss = compute_loss(pred.float(), target, self.cfg)
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss became {loss.item()}")
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.schedule.set(self.opt, self.steps_done)
+        self.opt.step()
+        self.steps_done += 1
+        return loss
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        return self.schedule.lr(self.steps_done)
+
+
+def random_crop(feats: list[torch.Tensor], target: torch.Tensor, crop: int, strides: list[int],
+                rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The same random window of every sample of the batch: `crop` pixels of the target and
+    crop / stride cells of each layer, aligned to the coarsest layer's cells. The decoder is
+    convolutional: it learns on windows and reconstructs whole images."""
+    big = max(strides)
+    h, w = target.shape[-2:]
+    y = int(rng.integers(0, (h - crop) // big + 1)) * big
+    x = int(rng.integers(0, (w - crop) // big + 1)) * big
+    feats = [f[..., y // s:(y + crop) // s, x // s:(x + crop) // s] for f, s in zip(feats, strides)]
+    return feats, target[..., y:y + crop, x:x + crop]

@@ -1,0 +1,76 @@
+"""train-decoder: loader coverage, loss goes down, resume equals uninterrupted, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from featrecon.errors import FeatreconError
+from featrecon.train.config import TrainConfig
+from featrecon.train.loop import fit
+from featrecon.train.step import StepSettings, step_settings
+
+
+def tcfg(cache, out, **kw) -> TrainConfig:
+    base = dict(layers=("layer1",), epochs=3, batch_size=4, width=32, lr=3e-3, progress=False, eval_samples=8)
+    base.update(kw)
+    return TrainConfig(cache=cache, out=out, **base)
+
+
+def test_a_failed_compile_trains_eagerly_with_one_warning(zarr_cache, tmp_path, monkeypatch, caplog):
+    eager = tmp_path / "eager"
+    fit(tcfg(zarr_cache, eager, epochs=2, compile="no"))
+
+    def broken_compile(model, *a, **k):
+        def fails(*args, **kw):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = tmp_path / "fallback"
+    fit(tcfg(zarr_cache, fallback, epochs=2, compile="yes"))
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile of the decoder failed" in r.getMessage()]
+    assert warnings == ["torch.compile of the decoder failed (RuntimeError: inductor: no C++ compiler); training eagerly"]
+    a, b = (torch.load(p / "last.pt", weights_only=False)["model"] for p in (eager, fallback))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed attempt changed nothing
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("precision", "fp8", "--precision 'fp8': choose one of auto, bf16, fp32"),
+    ("compile", "maybe", "--compile 'maybe': choose one of auto, yes, no"),
+])
+def test_step_settings_refuse_unknown_choices(zarr_cache, tmp_path, setting, value, message):
+    with pytest.raises(FeatreconError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fit(tcfg(zarr_cache, tmp_path / "r", **{setting: value}))
+
+
+def test_cpu_defaults_are_the_measured_ones():
+    s = step_settings(TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cpu"))
+    assert s == StepSettings(autocast=False, channels_last=True, compile=False, fused_adamw=False)
+    s = step_settings(TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cuda"))
+    assert s == StepSettings(autocast=True, channels_last=True, compile=True, fused_adamw=True)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_grad_clip_bounds_the_gradient_each_step_takes(clip):
+    from featrecon.train.step import Schedule, Step, StepSettings
+
+    class OneLayer(torch.nn.Module):  # a decoder's interface: a list of feature maps in, an image out
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+        def forward(self, feats):
+            return self.conv(feats[0])
+
+    torch.manual_seed(0)
+    model = OneLayer()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = TrainConfig(cache=Path("unused"), layers=("layer1",), out=Path("unused"), grad_clip=clip)
+    step = Step(model, opt, Schedule(1e-3, total=1, warmup=0), cfg, torch.device("cpu"),
+                StepSettings(autocast=False, channels_last=False, compile=False, fused_adamw=False))
+    step([torch.randn(2, 4, 8, 8) * 10], torch.rand(2, 3, 8, 8))
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert (norm <= clip * (1 + 1e-5)) if clip else (norm > 1e-2)
