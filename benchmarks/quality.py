@@ -61,7 +61,8 @@ VARIANTS = {  # changes from the defaults; every variant standardises its inputs
 
 
 def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
-    """(training samples/s, seconds of one validation pass, samples trained on per epoch) of cfg's decoder as fit runs them: the
+    """(training samples/s, seconds of one validation pass, samples trained on per epoch) of cfg's decoder
+    as fit runs them: the
     loader, windows and step on `batches` of the cache's training samples (one pass to warm up, one
     timed), then `evaluate` on the validation images. (A step on random tensors alone ran ~15% faster
     than the real epochs, and a validation pass costed as a third of a step per window left out its

@@ -34,7 +34,8 @@ def bench_storage(cache: Path, n: int, work: Path) -> list[dict]:
         formats = formats[:1]
     for fmt, suffix in formats:
         for codec in CODECS:
-            m = S.CacheMeta(**{**meta.to_dict(), "preprocessing": meta.preprocessing, "n": n, "codec": str(Codec.parse(codec))})
+            m = S.CacheMeta(**{**meta.to_dict(), "preprocessing": meta.preprocessing, "n": n,
+                               "codec": str(Codec.parse(codec))})
             row = {"format": fmt, "codec": str(Codec.parse(codec)), "samples": n, "layers": {}}
             raw = 0
             write_s = 0.0
@@ -119,7 +120,8 @@ def markdown(rows: list[dict], checksum: dict | None = None) -> list[str]:
         lines.append(f"| {row['format']} | {row['codec']} | {row['write_MB_s']:.0f} | " + " | ".join(cells)
                      + f" | {row['bytes_per_sample'] / 1e6:.2f} |")
     zf = rows[0]["layers"]
-    lines.append("\nExact zeros in the stored features: " + ", ".join(f"{l} {v['zero_fraction']:.0%}" for l, v in zf.items()))
+    zeros = ", ".join(f"{l} {v['zero_fraction']:.0%}" for l, v in zf.items())
+    lines.append("\nExact zeros in the stored features: " + zeros)
     if checksum:
         lines.append(f"\nThe per-chunk crc32c (schema 2): encoding all layers' shards at zstd:1 with the writer's code "
                      f"ran at {checksum['with_MB_s']:.0f} MB/s with it and {checksum['without_MB_s']:.0f} MB/s "

@@ -143,4 +143,5 @@ def markdown(t: dict) -> list[str]:
             f"| JPEG decode + backbone | {t['from_images']['samples_s']:.1f} | "
             f"{t['from_images']['data_wait_fraction']:.1%} |",
             "", f"Cache / compute limit: **{t['ratio_to_limit']:.2f}** (rounds: "
-            + ", ".join(f"{x['ratio']:.2f}" for x in t["rounds"]) + f"). Cache / JPEG + backbone: **{t['speedup']:.2f}x**.\n"]
+            + ", ".join(f"{x['ratio']:.2f}" for x in t["rounds"])
+            + f"). Cache / JPEG + backbone: **{t['speedup']:.2f}x**.\n"]

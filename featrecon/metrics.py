@@ -36,7 +36,8 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def psnr_from_mse(m: torch.Tensor | np.ndarray, data_range: float = 1.0):
     """PSNR in dB; identical images (MSE 0) give +inf, not an error."""
     m = torch.as_tensor(m, dtype=torch.float64)
-    return torch.where(m > 0, 10 * torch.log10(data_range**2 / m.clamp_min(1e-300)), torch.tensor(math.inf, dtype=torch.float64))
+    return torch.where(m > 0, 10 * torch.log10(data_range**2 / m.clamp_min(1e-300)),
+                       torch.tensor(math.inf, dtype=torch.float64))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def test_ddp_training_equals_one_process_with_the_same_global_batch(zarr_cache, 
     assert ddp.keys() == one.keys()
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=2e-5, msg=k)
-    steps = [int(l.split('"epoch": ')[1].split(",")[0]) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    steps = [int(l.split('"epoch": ')[1].split(",")[0]) for l in rows]
     assert steps == [1, 2]  # rank 0 alone wrote the metrics, once per epoch
 
 

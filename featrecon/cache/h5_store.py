@@ -234,7 +234,8 @@ class H5CacheStore(CacheStore):
         start = self.meta.shard_bounds(k)[0]
         done, ds = self.done(), self.file[name]
         zeros = (0,) * (ds.ndim - 1)
-        return [r for r in rows if done[start + r] and ds.id.get_chunk_info_by_coord((start + r, *zeros)).byte_offset is None]
+        return [r for r in rows
+                if done[start + r] and ds.id.get_chunk_info_by_coord((start + r, *zeros)).byte_offset is None]
 
     def array_info(self, name):
         ds = self.file[name]

@@ -113,7 +113,8 @@ def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise FeatreconError(f"--weights {weights}: not a torchvision ResNet-50 state dict ({str(e).splitlines()[0]})") from None
+        raise FeatreconError(f"--weights {weights}: not a torchvision ResNet-50 state dict "
+                             f"({str(e).splitlines()[0]})") from None
     return model.eval(), name
 
 
@@ -170,7 +171,8 @@ def _inplace_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.No
         return None
     name = getattr(node.target, "__name__", str(node.target))
     if node.op in ("call_function", "call_method") and (
-            node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace")):
+            node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
+            or node.kwargs.get("inplace")):
         raise FeatreconError(f"layer capture: in-place op {name} in the traced graph is not supported")
     return None
 

@@ -91,7 +91,8 @@ def _read_devkit_labels(gt_path: Path, mapping_path: Path) -> list[int]:
         try:
             out.append(devkit_to_index[int(line.strip())])
         except (ValueError, KeyError):
-            raise FeatreconError(f"--labels {gt_path}: line {n} ({line.strip()!r}) is not a devkit id in {mapping_path}") from None
+            raise FeatreconError(f"--labels {gt_path}: line {n} ({line.strip()!r}) is not a devkit id in "
+                                 f"{mapping_path}") from None
     return out
 
 
@@ -111,7 +112,8 @@ def _read_csv_labels(path: Path) -> dict[str, int]:
                 try:
                     out[key] = int(label)
                 except ValueError:
-                    raise FeatreconError(f"--labels {path}: line {n}: label {label!r} is neither an integer nor a wnid") from None
+                    raise FeatreconError(f"--labels {path}: line {n}: label {label!r} is neither an integer "
+                                         "nor a wnid") from None
     return out
 
 

@@ -67,7 +67,8 @@ class ExtractResult:
     def steady_images_per_s(self) -> float:
         """images/s after the first batch (worker start-up, one-off kernel set-up), the way a
         benchmark of the bare forward leaves out its warm-up batch. The final writes count."""
-        n, t = self.processed - self.stats.get("first_batch_images", 0), self.seconds - self.stats.get("first_batch_seconds", 0.0)
+        n = self.processed - self.stats.get("first_batch_images", 0)
+        t = self.seconds - self.stats.get("first_batch_seconds", 0.0)
         return n / t if n > 0 and t > 0 else self.images_per_s
 
     def summary(self) -> dict:
@@ -115,7 +116,8 @@ def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, we
                root: Path, ids: list[str], label_source: str, views: int = 0) -> CacheMeta:
     """`ids`: the source images; the cache holds views + 1 samples of each."""
     return CacheMeta(
-        n=len(ids) * (views + 1), views=views, layers=extractor.layer_shapes(pre.crop), nodes=dict(extractor.layers), weights=weights,
+        n=len(ids) * (views + 1), views=views, layers=extractor.layer_shapes(pre.crop), nodes=dict(extractor.layers),
+        weights=weights,
         weights_fingerprint=weights_fp, preprocessing=pre, dtype=cfg.dtype, codec=str(Codec.parse(cfg.codec)),
         autocast=cfg.autocast, source_root=str(root), holdout_fraction=cfg.holdout_fraction,
         ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), shard_size=cfg.shard_size,
@@ -275,7 +277,8 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
     writer.start()
     t0, forward_s, wait_s = time.perf_counter(), 0.0, 0.0
     warm = {}  # the first batch: worker start-up and one-off kernel set-up, as in any benchmark's warm-up
-    bar = tqdm(total=len(indices), unit="img", desc=f"extract {remote.name(cfg.out)}", disable=not cfg.progress, smoothing=0.1)
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract {remote.name(cfg.out)}", disable=not cfg.progress,
+               smoothing=0.1)
     try:
         tw = time.perf_counter()
         for idx, images, reasons in batches:
@@ -330,6 +333,7 @@ def _report(r: ExtractResult) -> None:
     for image_id, reason in list(r.skipped.items())[:10]:
         log.warning("skipped %s: %s", image_id, reason)
     if len(r.skipped) > 10:
-        log.warning("... and %d more skipped files (listed in the cache's '%s' attribute)", len(r.skipped) - 10, S.SKIPPED_ATTR)
+        log.warning("... and %d more skipped files (listed in the cache's '%s' attribute)", len(r.skipped) - 10,
+                    S.SKIPPED_ATTR)
     for layer, n in r.overflow.items():
         log.warning("%s: %d values exceeded float16's range (stored as inf); consider --dtype float32", layer, n)

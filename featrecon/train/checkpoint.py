@@ -39,7 +39,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and containers only
     except Exception as e:
-        raise FeatreconError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise FeatreconError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FeatreconError(f"{path}: not a featrecon decoder checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:

@@ -143,7 +143,8 @@ class Step:
 
     def __init__(self, model, opt, schedule: Schedule, cfg: TrainConfig, device: torch.device,
                  settings: StepSettings, steps_done: int = 0):
-        self.model, self.opt, self.schedule, self.cfg, self.device, self.settings = model, opt, schedule, cfg, device, settings
+        self.model, self.opt, self.schedule, self.cfg = model, opt, schedule, cfg
+        self.device, self.settings = device, settings
         self.steps_done = steps_done  # optimisation steps taken so far: the schedule's position
         self.forward = torch.compile(model) if settings.compile else model
         self._compiled_ok = not settings.compile

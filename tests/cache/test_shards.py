@@ -32,7 +32,8 @@ def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
 
     n = 8  # shards of 3: the last one holds 2 rows
     meta = CacheMeta(**{**meta_for(n, str(Codec.parse(codec))).__dict__, "dtype": dtype})
-    shapes = {"images": ((3, 8, 8), np.uint8), "features/a": ((4, 3, 3), np.dtype(dtype)), "features/b": ((2, 5, 5), np.dtype(dtype))}
+    shapes = {"images": ((3, 8, 8), np.uint8), "features/a": ((4, 3, 3), np.dtype(dtype)),
+              "features/b": ((2, 5, 5), np.dtype(dtype))}
     files = {}
     for fast in (True, False):
         path = tmp_path / f"{fast}.zarr"
@@ -40,12 +41,14 @@ def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
         store.fast_writes = fast
         for k in meta.shards():
             lo, hi = meta.shard_bounds(k)
-            rows = {name: [sample(i * 7 + j, s, dt) * (i != 4) for i in range(lo, hi)] for j, (name, (s, dt)) in enumerate(shapes.items())}
+            rows = {name: [sample(i * 7 + j, s, dt) * (i != 4) for i in range(lo, hi)]
+                    for j, (name, (s, dt)) in enumerate(shapes.items())}
             store.write_shard(k, rows if fast else {name: np.stack(r) for name, r in rows.items()},
                               np.ones(hi - lo, np.uint8), {}, {})
         assert all((store._writable(name)[1] is not None) == fast for name in shapes)
         store.close()
-        files[fast] = {p.relative_to(path): p.read_bytes() for name in shapes for p in (path / name / "c").rglob("*") if p.is_file()}
+        files[fast] = {p.relative_to(path): p.read_bytes()
+                       for name in shapes for p in (path / name / "c").rglob("*") if p.is_file()}
     assert len(files[True]) == len(shapes) * len(meta.shards())
     assert files[True] == files[False]
     with open_cache(tmp_path / "True.zarr") as st:

@@ -35,7 +35,8 @@ def test_round_trip_exact(tmp_path, codec, suffix):
     shapes = {"images": ((3, 8, 8), np.uint8), "features/a": ((4, 3, 3), np.float16), "features/b": ((2, 5, 5), np.float16)}
     for k in meta.shards():
         lo, hi = meta.shard_bounds(k)
-        arrays = {name: np.stack([sample(i * 7 + j, s, dt) for i in range(lo, hi)]) for j, (name, (s, dt)) in enumerate(shapes.items())}
+        arrays = {name: np.stack([sample(i * 7 + j, s, dt) for i in range(lo, hi)])
+                  for j, (name, (s, dt)) in enumerate(shapes.items())}
         status = np.full(hi - lo, S.STATUS_DONE, np.uint8)
         store.write_shard(k, arrays, status, {ids[lo]: "reason"} if k == 1 else {}, {"a": 2} if k == 2 else {})
     store.close()

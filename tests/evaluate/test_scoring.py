@@ -26,8 +26,8 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     images = make_image_folder(tmp_path / "imgs", copies=3)  # 18 real photos
     monkeypatch.chdir(tmp_path)
     common = ["--no-progress", "--device", "cpu"]
-    assert extract_main(["--images", str(images), "--layers", "all", "--out", "cache.zarr", "--weights", "random:0", "--views", "0",
-                         "--size", str(SIZE), "--workers", "0", "--holdout-fraction", "0.3", *common]) == 0
+    assert extract_main(["--images", str(images), "--layers", "all", "--out", "cache.zarr", "--weights", "random:0",
+                         "--views", "0", "--size", str(SIZE), "--workers", "0", "--holdout-fraction", "0.3", *common]) == 0
     for layer in ("layer1", "layer4", "layer2,layer3"):
         assert train_main(["--cache", "cache.zarr", "--layer", layer, "--epochs", "2", "--width", "32", *common]) == 0
     assert (tmp_path / "runs" / "layer2+layer3" / "best.pt").is_file()

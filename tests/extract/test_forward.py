@@ -134,7 +134,8 @@ def test_gpu_graph_replays_equal_the_eager_forward_for_every_batch():
     forward = GpuForward(fx, "float16", 4, 64, torch.device("cuda"))
     assert len(forward.slots) == 2
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8).pin_memory() for n in (4, 4, 4, 4, 4, 3)]
+    batches = [torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8).pin_memory()
+               for n in (4, 4, 4, 4, 4, 3)]
     results = [forward(b) for b in batches]  # all queued before any is read
     for k, (b, (arrays, counts, ready)) in enumerate(zip(batches, results)):
         ready.synchronize()
