@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.extraction import decode_limit, stock_forward
+from benchmarks.sections.extraction import decode_limit, stock_forward
 from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
 from featrecon.extract.images import discover_images
 

@@ -3,12 +3,12 @@
     python -m benchmarks.run --images ../shared/data/imagenet-sample --out benchmarks/results [--publish]
 
 1. extraction (`extract-features`: decode + forward + write) vs the bare forward
-   (`benchmarks.extraction`)
-2. storage: bytes per sample and write speed for each format and codec (`benchmarks.storage`)
+   (`benchmarks.sections.extraction`)
+2. storage: bytes per sample and write speed for each format and codec (`benchmarks.sections.storage`)
 3. the training loader vs the codec's own limit, and the codec choice for training
-   (`benchmarks.loader`)
+   (`benchmarks.sections.loader`)
 4. the decoder's training step fed by the cache vs its compute limit and vs JPEG decoding +
-   backbone (`benchmarks.training`)
+   backbone (`benchmarks.sections.training`)
 
 Every figure is a ratio of two measurements taken here, in this run; absolute
 numbers and the machine are printed too. `--sections` runs some sections only (the
@@ -35,8 +35,8 @@ from featrecon.extract.config import ExtractConfig
 from featrecon.extract.images import discover_images
 from featrecon.extract.run import extract, with_device_defaults
 
-from . import extraction, loader, storage, training
 from .common import drop_page_cache, machine
+from .sections import extraction, loader, storage, training
 
 SECTIONS = ("extraction", "storage", "loader", "training")
 

@@ -74,7 +74,7 @@ def extract_parser() -> argparse.ArgumentParser:
 def _extract(args: argparse.Namespace) -> None:
     # OpenMP threads that finish a parallel region spin before they sleep (libgomp: about 300k
     # iterations); the writer and the decoders share the cores with the backbone, and a short
-    # spin gives them that time (benchmarks/RESULTS.md, section 1). Read once, when torch loads;
+    # spin gives them that time (benchmarks/DESIGN.md). Read once, when torch loads;
     # an explicit setting wins.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     from .extract.run import extract

@@ -4,7 +4,7 @@ SSIM follows scikit-image's `structural_similarity(gaussian_weights=True,
 sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=...)`: an
 11-tap Gaussian (truncate 3.5), statistics over the valid interior only (the
 5-pixel border that skimage crops), per channel, then averaged over channels.
-Metrics on normalised tensors are meaningless (the prototype's 1.25 dB):
+Metrics on normalised tensors are meaningless (the prototype reported such a number):
 `check_unit_range` refuses them.
 """
 

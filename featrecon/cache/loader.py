@@ -72,9 +72,8 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 class BufferPool:
     """Batch buffers ({array name: (n, ...) tensor}), recycled when `reuse`. Fresh buffers of tens
-    of MB come from mmap and cost a page fault per 4 KiB on first touch (measured in
-    benchmarks/RESULTS.md, section 3); pinned ones come from PyTorch's caching host allocator,
-    which already reuses them."""
+    of MB come from mmap and cost a page fault per 4 KiB on first touch (benchmarks/DESIGN.md);
+    pinned ones come from PyTorch's caching host allocator, which already reuses them."""
 
     def __init__(self, shapes: dict[str, tuple], pin_memory: bool, reuse: bool):
         self.shapes, self.pin_memory, self.reuse = shapes, pin_memory, reuse and not pin_memory

@@ -8,19 +8,15 @@ another, then (offset, nbytes) uint64 pairs and the index's own crc32c. Tests ch
 that our bytes equal zarr-python's for every codec featrecon offers, and that
 tensorstore reads them.
 
-Why our own code for a format that libraries handle:
+Why our own code for a format that libraries handle (the measurements: benchmarks/DESIGN.md):
 - Writing: zarr-python sends every inner chunk through an asyncio pipeline with
-  several copies; for a 32-sample shard that cost about as much CPU as the
-  compression itself, CPU the backbone needs on a small machine.
-- Reading (measured on this 2-core machine, layer3 + images of an 800-image cache,
-  warm page cache, whole shards, 8 in flight): tensorstore's zarr3 driver gave 1,262
-  samples/s on 1 thread and 1,605 on 2; zarr-python with the zarrs codec pipeline
-  1,125 and 1,643; the zstd decoder alone, decompressing each chunk straight into an
-  output buffer, 1,317 and 2,408. Both engines land near 0.7 of the codec and scale
-  1.3-1.5x from one core to two, because each decodes into a buffer of its own and
-  copies again. `ShardDecoder` decompresses every chunk directly into the caller's
-  batch slot on a thread pool (numcodecs releases the GIL), so the loader runs at
-  the codec's own speed. Anything outside this one layout goes through zarr-python.
+  several copies; for a whole shard that cost about as much CPU as the compression
+  itself, CPU the backbone needs on a small machine.
+- Reading: tensorstore and zarr-python (with the zarrs pipeline) both landed near 0.7
+  of the codec alone, because each decodes into a buffer of its own and copies again.
+  `ShardDecoder` decompresses every chunk directly into the caller's batch slot on a
+  thread pool (numcodecs releases the GIL), so the loader runs at the codec's own
+  speed. Anything outside this one layout goes through zarr-python.
 """
 
 from __future__ import annotations
@@ -131,8 +127,9 @@ class ShardEncoder:
 
     def _encode_chunk(self, row: np.ndarray):
         """The chunk's stored bytes: the compressed row, and its crc32c as a separate 4-byte part
-        (concatenating them here would copy every chunk twice while holding the GIL: +12% on
-        writes; `assemble` copies both parts into the shard with numpy, as it copies any chunk)."""
+        (concatenating them here would copy every chunk twice while holding the GIL, which cost
+        writes measurably: benchmarks/DESIGN.md; `assemble` copies both parts into the shard
+        with numpy, as it copies any chunk)."""
         compressor = self.layout.compressor
         data = compressor.encode(row) if compressor is not None else row.reshape(-1).view(np.uint8)
         if self.layout.checksum:

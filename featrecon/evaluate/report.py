@@ -15,7 +15,7 @@ from .config import ScoreConfig
 log = logging.getLogger(__name__)
 
 
-# Below this many images a 95% interval is too wide to say anything (3 images: +-12 dB);
+# Below this many images a 95% interval is too wide to say anything (benchmarks/DESIGN.md);
 # the report gives means and says so, and metrics.json keeps the per-image values.
 MIN_INTERVAL_N = 10
 

@@ -3,8 +3,8 @@
 `FeatureExtractor` is the one object that owns layer capture. It is built with
 torchvision's `create_feature_extractor`, which traces the model and drops every
 node after the deepest requested one, so the forward stops there and no hook
-handles need managing. ResNet's ReLUs work in place, which is about 10% faster
-on a CPU than out-of-place; but an in-place ReLU applied to a captured tensor
+handles need managing. ResNet's ReLUs work in place, which is faster on a CPU
+than out-of-place (benchmarks/DESIGN.md); but an in-place ReLU applied to a captured tensor
 (say `layer1.0.bn1`, or the `add` before a block's last ReLU) would overwrite it.
 `_protect_captured` gives exactly those ReLU calls a copy to work on and leaves
 every other one in place. `_fold_batchnorm` folds each BatchNorm into its
@@ -210,8 +210,8 @@ def _protect_captured(gm: torch.fx.GraphModule) -> int:
 def _fold_batchnorm(gm: torch.fx.GraphModule) -> int:
     """Fold every eval-mode BatchNorm into the convolution that feeds it.
 
-    One pass over the activations less per BatchNorm (53 in ResNet-50): about 15%
-    faster on a CPU, for a result that differs by about 1e-6 relative, far below
+    One pass over the activations less per BatchNorm (53 in ResNet-50): faster on a CPU
+    (benchmarks/DESIGN.md), for a result that differs by about 1e-6 relative, far below
     float16's resolution. A convolution whose own output is captured (or used
     twice) keeps its BatchNorm. Returns how many were folded."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval

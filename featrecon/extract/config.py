@@ -17,7 +17,7 @@ WEIGHTS_HELP = ("IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT (torchvision, downloaded 
 AUTOCASTS = ("none", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
 # Below this many images, --compile auto runs eagerly: compiling takes 10-25 s, which a few
-# milliseconds saved per image repay only over thousands of images (benchmarks/RESULTS.md, section 1).
+# milliseconds saved per image repay only over thousands of images (benchmarks/DESIGN.md).
 COMPILE_AUTO_MIN = 3000
 MAX_VIEWS = 256
 MIN_SIZE = 32  # ResNet-50's coarsest stride

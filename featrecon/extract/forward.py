@@ -37,7 +37,7 @@ def _overflow_counts(h: torch.Tensor) -> torch.Tensor:
 def _cast_with_range(features: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple]:
     """Each layer in the stored dtype (NCHW) with, for float16, its largest and smallest value:
     two reductions over the float16 result cost less than counting infinities in every sample
-    (0.7 ms per image for all layers, against 1.1 for the same two over the float32 activations)."""
+    or reducing the float32 activations (benchmarks/DESIGN.md)."""
     out = {}
     for layer, v in features.items():
         h = _stored(v, dtype)
@@ -73,8 +73,8 @@ def _copy_to_host(on_device: dict[str, tuple], stream: torch.cuda.Stream, owned:
     their values. `owned`: the device tensors are ordinary allocations that the caller
     drops (not a graph's outputs), to be kept alive until the copy has read them.
 
-    Pinned memory matters: on an H100 machine a copy into ordinary (pageable) memory ran
-    at 1.3 GB/s, into pinned memory at 54 GB/s. The pinned blocks come from PyTorch's
+    Pinned memory matters: a copy into ordinary (pageable) memory ran some forty times
+    slower (benchmarks/DESIGN.md). The pinned blocks come from PyTorch's
     caching host allocator and are reused once the writer drops its views of them."""
     stream.wait_stream(torch.cuda.current_stream())
     arrays, counts = {}, {}
@@ -103,7 +103,7 @@ class GpuForward:
     """The forward, the cast to the stored dtype and the overflow count of a full batch,
     replayed as one CUDA graph. Launching a ResNet-50 forward from Python takes hundreds of
     small launches, each needing the GIL, which the writer's and compression threads also
-    hold; on a 16-core H100 machine the launches, not the GPU, set the pace. A replay is one
+    hold; on a 16-core GPU machine the launches, not the GPU, set the pace. A replay is one
     launch. Two graphs take turns, so one batch's outputs are copied out while the next
     batch runs into the other's. Batches of another size (the last one) run eagerly.
     If capture fails, everything runs eagerly, with a warning."""
@@ -157,10 +157,9 @@ class CompiledForward:
 
     Inductor fuses the elementwise work around the convolutions (the residual adds, the
     ReLUs, the normalisation of the input, the float16 cast, the layout change to NCHW
-    and the range check) into the kernels that produce it. On a 2-core CPU, extraction
-    ran 11-12% faster (all layers and layer3, A/B runs on 480 images), and the forward
-    gave the same bytes as the eager one. Compiling takes 10-25 s, once per process
-    (inductor also caches its work on disk).
+    and the range check) into the kernels that produce it: extraction ran faster with the
+    same bytes as the eager forward (benchmarks/DESIGN.md). Compiling takes seconds, once
+    per process (inductor also caches its work on disk).
 
     Every batch runs at the one batch size it was compiled for: a shorter last batch is
     padded with zeros and its outputs cut back, so nothing is compiled twice. If the

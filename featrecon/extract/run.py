@@ -257,8 +257,8 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
         log.info("rank %d of %d: %d shards (%d samples)", group.rank, group.world, len(shards), len(indices))
     loader = image_loader(root, ids, indices, meta.preprocessing, cfg.batch_size, cfg.workers, device, views)
     batches = iter(loader)  # fork the workers before the writer thread exists
-    # Compression threads: one zstd thread manages about 0.5 GB/s, and a GPU backbone asking
-    # for every layer produces several GB/s. They work on whole shards handed over by the
+    # Compression threads: one zstd thread cannot keep up with a GPU backbone asking for every
+    # layer (benchmarks/DESIGN.md). They work on whole shards handed over by the
     # one writer, so no two threads ever write parts of the same shard.
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="compress")
     store.pool = pool
@@ -272,7 +272,7 @@ def _run(cfg: ExtractConfig, store: CacheStore, extractor: FeatureExtractor, dev
         compiled = CompiledForward(extractor, meta.dtype, cfg.batch_size, meta.image_shape[1])
         log.info("compiled in %.1f s", compiled.compile_seconds)
     # On a CPU the backbone is the limit and more writer threads only take its cores
-    # (layer3, 240 images: 27.8/26.8 img/s with one, 26.4/26.3 with four).
+    # (benchmarks/DESIGN.md).
     writer = ShardWriter(store, shards, disk_threads=1 if device.type == "cpu" else 4)
     writer.start()
     t0, forward_s, wait_s = time.perf_counter(), 0.0, 0.0

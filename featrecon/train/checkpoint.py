@@ -51,7 +51,7 @@ def load_checkpoint(path: Path) -> dict:
 def decoder_from_checkpoint(ckpt: dict) -> Decoder:
     model = Decoder(DecoderConfig.from_dict(ckpt["decoder_config"]))
     model.load_state_dict(ckpt["model"])
-    # NHWC weights: oneDNN's and cuDNN's faster convolutions (20-57% on a 2-core CPU), as in training
+    # NHWC weights: oneDNN's and cuDNN's faster convolutions (benchmarks/DESIGN.md), as in training
     return model.to(memory_format=torch.channels_last).eval()
 
 

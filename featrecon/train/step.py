@@ -126,7 +126,7 @@ class StepSettings:
 
 
 def step_settings(cfg: TrainConfig, device: torch.device) -> StepSettings:
-    """Defaults per device, as measured (benchmarks/RESULTS.md, section 4): on a CPU fp32, eager and
+    """Defaults per device, as measured (benchmarks/DESIGN.md): on a CPU fp32, eager and
     channels-last (oneDNN's NHWC convolutions were faster; bf16 autocast was far slower and
     torch.compile gave nothing on 2 cores). On CUDA bf16, channels-last (tensor-core
     convolutions), fused AdamW and a compiled step are the standard fast path."""

@@ -2,7 +2,7 @@
 process, and the training loader reading a cache from an S3 server against reading the
 same cache from disk.
 
-    python -m benchmarks.scaleout --images ../shared/data/imagenet-sample --n 96 --ranks 2
+    python -m benchmarks.sections.scaleout --images ../shared/data/imagenet-sample --n 96 --ranks 2
 
 Both rows are side by side in one run. On a 2-core CPU two ranks cannot beat one process
 (the one process already uses both cores for the forward); the point is the cost of the
@@ -30,9 +30,9 @@ from featrecon.cache import remote
 from featrecon.cache.factory import open_cache
 from featrecon.cache.loader import CacheLoader
 
-from .common import machine
+from ..common import machine
 
-log = logging.getLogger("benchmarks.scaleout")
+log = logging.getLogger("benchmarks.sections.scaleout")
 
 
 def _free_port() -> int:
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="featrecon-scaleout-"))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     try:
-        result = {"command": "python -m benchmarks.scaleout " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command = "python -m benchmarks.sections.scaleout " + " ".join(argv if argv is not None else sys.argv[1:])
+        result = {"command": command,
                   "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(torch.device("cpu")),
                   "extraction": bench_extraction(args.images.resolve(), args.n, args.ranks, work, env),
                   "s3_loader": bench_s3_loader(args.images.resolve(), args.n, work, env)}

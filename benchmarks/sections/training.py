@@ -30,7 +30,7 @@ from featrecon.train.decoders import Decoder
 from featrecon.train.loop import decoder_config
 from featrecon.train.step import Schedule, Step, device_batches, step_settings
 
-from .common import log, sync
+from ..common import log, sync
 
 
 def _train_setup(cache: Path, device, batch: int, steps: int):

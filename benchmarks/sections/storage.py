@@ -12,8 +12,8 @@ from featrecon.cache import schema as S
 from featrecon.cache.factory import create_cache, open_cache
 from featrecon.cache.schema import Codec
 
-from .common import disk_bytes as _disk_bytes
-from .common import log
+from ..common import disk_bytes as _disk_bytes
+from ..common import log
 
 CODECS = ("none", "zstd:1", "zstd:3", "zstd:-3", "lz4", "blosc-zstd")
 

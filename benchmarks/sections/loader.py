@@ -29,7 +29,7 @@ from featrecon.cache.factory import create_cache, open_cache
 from featrecon.cache.loader import CacheLoader, bytes_per_sample
 from featrecon.cache.schema import Codec
 
-from .common import disk_bytes, log
+from ..common import disk_bytes, log
 
 TRAINING_CODECS = ("zstd:1", "zstd:-3", "lz4", "none")
 LAYERS = ("layer1", "layer3")

@@ -19,8 +19,8 @@ from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preproce
 from featrecon.extract.forward import CompiledForward, to_storage
 from featrecon.extract.images import load_image
 
-from .common import log
-from .common import sync as _sync
+from ..common import log
+from ..common import sync as _sync
 
 TOP_LEVEL = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
