@@ -1,4 +1,4 @@
-"""train-decoder: loader coverage, loss goes down, resume equals uninterrupted, refusals."""
+"""The training reader: every train sample once per epoch, the right rows in every slot, RAM = streaming, ranks."""
 
 from __future__ import annotations
 
