@@ -43,8 +43,9 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_CHANGES, TrainConfig, layer_strides, resolve
 from .decoders import Decoder, DecoderConfig, count_parameters
+from .guard import BlowUp, Guard, Snapshot, roll_back
 from .samples import channel_stats, evaluation_indices, train_indices, validation_split
-from .step import Diverged, Schedule, Step, StepSettings, device_batches, random_crop, step_settings
+from .step import Schedule, Step, StepSettings, device_batches, random_crop, step_settings
 from .validate import evaluate
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Progress:
     best: float = -math.inf  # the best validation PSNR so far
     best_epoch: int = 0
     best_model: dict | None = None  # that epoch's weights, on the CPU
+    guard: Guard = field(default_factory=Guard)  # the divergence guard's state after the last epoch
 
     def record(self, row: dict, model: torch.nn.Module) -> bool:
         """Add an epoch's row; True if it is the best so far (its weights are kept)."""
@@ -124,17 +126,30 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
         try:
             progress = restore(run, resume_from)
             step = Step(run.net, run.opt, Schedule(run.cfg.lr, run.cfg.epochs * len(run.loader), run.cfg.warmup),
-                        run.cfg, group.device, run.settings, steps_done=progress.epoch * len(run.loader))
-            for epoch in range(progress.epoch, run.cfg.epochs):
-                stats = train_one_epoch(step, run.loader, epoch, run.cfg, group.device,
-                                        layer_strides(store.meta, run.cfg.layers), group)
-                row = epoch_row(run, epoch, stats, validate_epoch(run), step.lr)
+                        run.cfg, group.device, run.settings, steps_done=progress.epoch * len(run.loader),
+                        guard=progress.guard, group=group)
+            epoch = progress.epoch
+            while epoch < run.cfg.epochs:
+                start = Snapshot.take(run.model, run.opt, step.guard)  # what a blow-up in this epoch returns to
+                try:
+                    stats = train_one_epoch(step, run.loader, epoch, run.cfg, group.device,
+                                            layer_strides(store.meta, run.cfg.layers), group)
+                    step.guard.check_epoch(stats["loss"])
+                    scores = validate_epoch(run)
+                    step.guard.check_validation(scores[0], progress.best)
+                except BlowUp as e:
+                    step.guard = roll_back(start, run.model, run.opt, step.guard, epoch, e, run.cfg.lr, run.cfg.out)
+                    step.steps_done = epoch * len(run.loader)
+                    log.warning("epoch %d/%d: the loss blew up (%s); rolled back to the epoch's start, redoing it at "
+                                "%g of the learning rate", epoch + 1, run.cfg.epochs, e, step.guard.lr_scale)
+                    continue
+                progress.guard = step.guard
+                row = epoch_row(run, epoch, stats, scores, step.lr, step.guard)
                 save_epoch(run, progress, progress.record(row, run.model))
                 log_epoch(run, row)
+                epoch += 1
                 if stop_early(run, progress):
                     break
-        except Diverged as e:
-            raise FeatreconError(f"{e}; stopped, last good checkpoint kept in {run.cfg.out} (try a lower --lr)") from None
         finally:
             run.close()
     finally:
@@ -197,7 +212,8 @@ def restore(run: Run, resume_from: dict | None) -> Progress:
         run.model.load_state_dict(resume_from["model"])
         run.opt.load_state_dict(resume_from["optimizer"])
         progress = Progress(resume_from["epoch"], resume_from["history"], resume_from["best_psnr"],
-                            resume_from.get("best_epoch", 0), resume_from.get("best_model"))
+                            resume_from.get("best_epoch", 0), resume_from.get("best_model"),
+                            Guard.from_state(resume_from.get("guard")))
         if progress.best_model is None:  # a run written before last.pt recorded its best: take a current best.pt
             progress.best_epoch, progress.best_model = _recorded_best(run.cfg.out, resume_from)
         elif run.group.main:
@@ -230,10 +246,7 @@ def train_one_epoch(step: Step, loader: CacheLoader, epoch: int, cfg: TrainConfi
         if item is None:
             break
         _, feats, target = item
-        try:
-            loss = step(feats, target)
-        except Diverged as e:
-            raise Diverged(f"{e} at epoch {epoch + 1}") from None
+        loss = step(feats, target)
         total += loss.item() * len(target)
         n += len(target)
         bar.update(len(target))
@@ -259,10 +272,11 @@ def validate_epoch(run: Run) -> tuple[float, float]:
     return scores
 
 
-def epoch_row(run: Run, epoch: int, stats: dict, scores: tuple[float, float], lr: float) -> dict:
-    """metrics.jsonl's line for an epoch."""
+def epoch_row(run: Run, epoch: int, stats: dict, scores: tuple[float, float], lr: float, guard: Guard) -> dict:
+    """metrics.jsonl's line for an epoch, with the rollbacks the guard made in it (see `guard`)."""
     return {"epoch": epoch + 1, "loss": stats["loss"], "psnr": scores[0], "psnr_on": run.eval_on, "ssim": scores[1],
-            "lr": lr, "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"],
+            "lr": lr, "lr_scale": guard.lr_scale, "rollbacks": [r for r in guard.rollbacks if r["epoch"] == epoch + 1],
+            "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"],
             "seconds": stats["seconds"], "corrupt_skipped": len(run.loader.corrupt | run.eval_loader.corrupt)}
 
 
@@ -281,6 +295,7 @@ def training_checkpoint(run: Run, progress: Progress) -> dict:
         "n_parameters": count_parameters(run.model), "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(), "scheduler": {"steps": progress.epoch * len(run.loader)},
         "best_epoch": progress.best_epoch, "best_model": progress.best_model,  # best.pt can always be rebuilt
+        "guard": progress.guard.state(),
     }
 
 

@@ -20,12 +20,9 @@ import torch.nn.functional as F
 from ..cache.loader import Batch
 from ..metrics import ssim
 from .config import TrainConfig
+from .guard import BlowUp, Guard
 
 log = logging.getLogger(__name__)
-
-
-class Diverged(Exception):
-    pass
 
 
 class Schedule:
@@ -45,9 +42,9 @@ class Schedule:
     def lr(self, step: int) -> float:
         return self.peak * self.factor(step)
 
-    def set(self, opt: torch.optim.Optimizer, step: int) -> None:
+    def set(self, opt: torch.optim.Optimizer, step: int, scale: float = 1.0) -> None:
         for group in opt.param_groups:
-            group["lr"] = self.lr(step)
+            group["lr"] = self.lr(step) * scale
 
 
 def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -142,10 +139,12 @@ class Step:
     compiling fails on the first step, a one-line warning and the eager decoder."""
 
     def __init__(self, model, opt, schedule: Schedule, cfg: TrainConfig, device: torch.device,
-                 settings: StepSettings, steps_done: int = 0):
+                 settings: StepSettings, steps_done: int = 0, guard: Guard | None = None, group=None):
         self.model, self.opt, self.schedule, self.cfg = model, opt, schedule, cfg
         self.device, self.settings = device, settings
         self.steps_done = steps_done  # optimisation steps taken so far: the schedule's position
+        self.guard = guard or Guard()  # checks every step's loss before its update (see `guard`)
+        self.group = group  # data parallel: the ranks decide on one loss, their mean
         self.forward = torch.compile(model) if settings.compile else model
         self._compiled_ok = not settings.compile
 
@@ -154,7 +153,7 @@ class Step:
             return self._run(feats, target)
         try:
             loss = self._run(feats, target)
-        except Diverged:
+        except BlowUp:
             raise
         except Exception as e:  # inductor raises many types; any of them means: run eagerly
             log.warning("torch.compile of the decoder failed (%s: %s); training eagerly", type(e).__name__,
@@ -169,12 +168,14 @@ class Step:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast):
             pred = self.forward(feats)
         loss = compute_loss(pred.float(), target, self.cfg)
-        if not torch.isfinite(loss):
-            raise Diverged(f"loss became {loss.item()}")
+        value = loss.item()
+        if self.group is not None and self.group.active:
+            value = self.group.sum(value)[0] / self.group.world
+        self.guard.check_step(value, self.steps_done)  # a blow-up raises before it reaches the weights
         loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.schedule.set(self.opt, self.steps_done)
+        self.schedule.set(self.opt, self.steps_done, self.guard.lr_scale)
         self.opt.step()
         self.steps_done += 1
         return loss
@@ -182,7 +183,7 @@ class Step:
     @property
     def lr(self) -> float:
         """The learning rate of the next step."""
-        return self.schedule.lr(self.steps_done)
+        return self.schedule.lr(self.steps_done) * self.guard.lr_scale
 
 
 def random_crop(feats: list[torch.Tensor], target: torch.Tensor, crop: int, strides: list[int],

@@ -1,0 +1,110 @@
+"""The divergence guard: a training run never spends its remaining epochs at the floor.
+
+A step whose loss is not finite, or jumps to JUMP times its recent level (an exponential
+average over about the last 50 steps), an epoch whose mean loss jumps to JUMP times the
+best epoch's so far, or an epoch whose validation PSNR falls DROP_DB below the best so far
+(an update late in the epoch can wreck the weights with no step left to see it), is a
+blow-up. The run then rolls back to the weights and optimiser
+state it had at the start of that epoch and redoes the epoch at LR_FACTOR of the learning
+rate it was using; each rollback is logged in one line and recorded in that epoch's line of
+metrics.jsonl. After MAX_ROLLBACKS the run stops, naming the epoch and the settings to try,
+with its last good checkpoint kept. The guard's state (the learning-rate scale, the recent
+level, the rollbacks) is saved in last.pt, so a resumed run is the uninterrupted one, bit for
+bit on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import FeatreconError
+
+JUMP = 10.0  # a loss this many times its recent level is a blow-up
+DECAY = 0.98  # the recent level: an exponential average, weight 0.02 for the newest step
+WARM_STEPS = 20  # steps of a run before its recent level is trusted
+DROP_DB = 6.0  # a validation PSNR this far below the best so far is a blow-up
+LR_FACTOR = 0.5  # each rollback halves the learning rate
+MAX_ROLLBACKS = 3
+
+
+class BlowUp(Exception):
+    """A step or epoch whose loss blew up; `where` says which, and with what numbers."""
+
+    def __init__(self, where: str, value: float, reference: float,
+                 what: str = "loss {:.4g} against a recent level of {:.4g}"):
+        super().__init__(f"{where}: " + what.format(value, reference))
+        self.where, self.loss, self.level = where, value, reference
+
+
+@dataclass
+class Guard:
+    """The guard's state, saved in last.pt."""
+
+    lr_scale: float = 1.0  # the learning rate is cfg.lr * schedule * lr_scale
+    level: float = 0.0  # the recent step loss (exponential average)
+    steps: int = 0  # steps seen
+    best_epoch_loss: float = math.inf
+    rollbacks: list[dict] = field(default_factory=list)  # one record per rollback
+
+    def check_step(self, loss: float, step: int) -> None:
+        """Raise BlowUp for a blown-up step loss, else take it into the recent level."""
+        if not math.isfinite(loss) or (self.steps >= WARM_STEPS and loss > JUMP * self.level):
+            raise BlowUp(f"step {step}", loss, self.level)
+        self.level = loss if self.steps == 0 else DECAY * self.level + (1 - DECAY) * loss
+        self.steps += 1
+
+    def check_epoch(self, loss: float) -> None:
+        """Raise BlowUp for an epoch whose mean loss jumped above the best epoch's, else take it."""
+        if not math.isfinite(loss) or loss > JUMP * self.best_epoch_loss:
+            raise BlowUp("the epoch's mean", loss, self.best_epoch_loss, "loss {:.4g} against the best epoch's {:.4g}")
+        self.best_epoch_loss = min(self.best_epoch_loss, loss)
+
+    def check_validation(self, psnr: float, best: float) -> None:
+        """Raise BlowUp for an epoch whose validation PSNR fell far below the best so far."""
+        if not math.isfinite(psnr) or psnr < best - DROP_DB:
+            raise BlowUp("validation", psnr, best, "PSNR {:.2f} dB against the best epoch's {:.2f} dB")
+
+    def state(self) -> dict:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> Guard:
+        """The saved guard of a checkpoint (a run written before the guard: a fresh one)."""
+        return cls(**copy.deepcopy(state)) if state else cls()
+
+
+@dataclass
+class Snapshot:
+    """What a rollback returns to: the weights, the optimiser and the guard at an epoch's start."""
+
+    model: dict
+    optimizer: dict
+    guard: dict
+
+    @classmethod
+    def take(cls, model: torch.nn.Module, opt: torch.optim.Optimizer, guard: Guard) -> Snapshot:
+        return cls({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict()),
+                   guard.state())
+
+
+def roll_back(snapshot: Snapshot, model: torch.nn.Module, opt: torch.optim.Optimizer, guard: Guard, epoch: int,
+              blow_up: BlowUp, lr: float, out) -> Guard:
+    """Restore `snapshot` for a redo of `epoch` (0-based) at a lower learning rate; the new guard
+    carries every rollback so far. Stops the run after MAX_ROLLBACKS."""
+    record = {"epoch": epoch + 1, "where": blow_up.where, "loss": blow_up.loss, "level": blow_up.level,
+              "lr_scale": guard.lr_scale * LR_FACTOR}
+    rollbacks = [*guard.rollbacks, record]
+    if len(rollbacks) > MAX_ROLLBACKS:
+        raise FeatreconError(
+            f"the loss blew up at epoch {epoch + 1} ({blow_up}) after {MAX_ROLLBACKS} rollbacks that halved the "
+            f"learning rate to {guard.lr_scale:g} of its schedule; stopped, the last good checkpoint is kept in {out}. "
+            f"Try a lower --lr (e.g. {lr * guard.lr_scale:.1g}), --grad-clip 0.5, or a longer --warmup (e.g. 0.2)")
+    model.load_state_dict(snapshot.model)
+    opt.load_state_dict(copy.deepcopy(snapshot.optimizer))
+    restored = Guard.from_state(snapshot.guard)
+    restored.lr_scale, restored.rollbacks = record["lr_scale"], rollbacks
+    return restored

@@ -1,0 +1,121 @@
+"""The divergence guard: a blow-up rolls back to the epoch's start and goes on at a lower
+learning rate, is recorded, survives a resume bit for bit, and stops the run after a few."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from featrecon.errors import FeatreconError
+from featrecon.evaluate.config import ScoreConfig
+from featrecon.evaluate.scoring import score
+from featrecon.train import loop
+from featrecon.train import step as step_module
+from featrecon.train.config import TrainConfig
+from featrecon.train.guard import JUMP, WARM_STEPS, BlowUp, Guard
+from featrecon.train.loop import fit, train_one_epoch
+
+
+def tcfg(cache, out, **kw) -> TrainConfig:
+    base = dict(layers=("layer1",), epochs=4, batch_size=4, width=32, lr=3e-3, progress=False, eval_samples=8)
+    return TrainConfig(cache=cache, out=out, **{**base, **kw})
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_guard_flags_jumps_and_non_finite_losses_only():
+    g = Guard()
+    for i in range(WARM_STEPS):
+        g.check_step(1.0 if i % 2 else 0.5, i)  # noisy, but no blow-up
+    g.check_step(0.9 * JUMP * g.level, WARM_STEPS)
+    with pytest.raises(BlowUp, match="step 21: loss"):
+        g.check_step(1.1 * JUMP * g.level, WARM_STEPS + 1)
+    with pytest.raises(BlowUp):
+        Guard().check_step(math.nan, 0)  # not finite: from the first step
+    g.check_epoch(0.1)
+    with pytest.raises(BlowUp, match="epoch's mean"):
+        g.check_epoch(1.01)
+    assert Guard.from_state(g.state()) == g and Guard.from_state(None) == Guard()
+
+
+def spike_at(monkeypatch, calls_to_spike: set[int]):
+    """compute_loss, with the loss of the given calls multiplied by 1e6 (as a blown-up step gives)."""
+    real, calls = step_module.compute_loss, {"n": 0}
+
+    def spiking(pred, target, cfg):
+        calls["n"] += 1
+        loss = real(pred, target, cfg)
+        return loss * 1e6 if calls["n"] in calls_to_spike else loss
+
+    monkeypatch.setattr(step_module, "compute_loss", spiking)
+
+
+def test_a_blow_up_rolls_back_redoes_the_epoch_at_half_the_rate_and_resumes_bit_for_bit(zarr_cache, tmp_path,
+                                                                                      monkeypatch):
+    spike_at(monkeypatch, {22})  # just after the guard's warm-up of 20 steps
+    whole = tmp_path / "whole"
+    fit(tcfg(zarr_cache, whole, epochs=8))
+    history = rows(whole)
+    hit = [r for r in history if r["rollbacks"]]
+    assert len(hit) == 1 and hit[0]["rollbacks"][0]["where"].startswith("step ") and hit[0]["lr_scale"] == 0.5
+    assert all(r["lr_scale"] == (1.0 if r["epoch"] < hit[0]["epoch"] else 0.5) for r in history)
+    last = torch.load(whole / "last.pt", weights_only=False)
+    assert last["guard"]["lr_scale"] == 0.5 and len(last["guard"]["rollbacks"]) == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    # The same run killed after the rollback's epoch and resumed: the same weights and losses.
+    spike_at(monkeypatch, {22})
+    cut, real = tmp_path / "cut", train_one_epoch
+
+    def killed(step, loader, epoch, *a, **k):
+        if epoch == hit[0]["epoch"]:  # 0-based: the epoch after the one that blew up
+            raise KeyboardInterrupt
+        return real(step, loader, epoch, *a, **k)
+
+    monkeypatch.setattr(loop, "train_one_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tcfg(zarr_cache, cut, epochs=8))
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    monkeypatch.setattr(step_module, "compute_loss", step_module.compute_loss)  # no more spikes after the cut
+    fit(tcfg(zarr_cache, cut, epochs=8, resume=True))
+    resumed = torch.load(cut / "last.pt", weights_only=False)
+    for k in last["model"]:
+        assert torch.equal(last["model"][k], resumed["model"][k]), k
+    assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in history]
+
+
+def test_a_learning_rate_far_too_high_for_a_few_steps_is_caught_and_the_run_still_learns(zarr_cache, tmp_path,
+                                                                                       monkeypatch, caplog):
+    """A real blow-up, through the weights: three steps at a learning rate a thousand times too high,
+    the first time the run reaches them."""
+    real, seen = step_module.Schedule.lr, set()
+
+    def hot(self, step):
+        if 30 <= step < 33 and step not in seen:
+            seen.add(step)
+            return 0.5
+        return real(self, step)
+
+    monkeypatch.setattr(step_module.Schedule, "lr", hot)
+    out = tmp_path / "runs" / "hot"
+    fit(tcfg(zarr_cache, out, epochs=10))
+    history = rows(out)
+    assert sum(len(r["rollbacks"]) for r in history) >= 1 and history[-1]["lr_scale"] < 1
+    assert "rolled back to the epoch's start" in caplog.text
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    rep = score(ScoreConfig(cache=zarr_cache, runs=tmp_path / "runs", which="last", out=tmp_path / "rep", split="all",
+                            progress=False))
+    assert rep["runs"][0]["psnr"]["mean"] > rep["baseline"]["psnr"]["mean"] + 1.0  # learned, not at the floor
+
+
+def test_blow_ups_that_keep_coming_stop_the_run_in_one_line(zarr_cache, tmp_path, monkeypatch):
+    spike_at(monkeypatch, set(range(21, 1000)))  # every step after the warm-up
+    with pytest.raises(FeatreconError, match=r"blew up at epoch \d+ .*after 3 rollbacks.*kept in .*--lr.*--grad-clip"):
+        fit(tcfg(zarr_cache, tmp_path / "r", epochs=10))
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["model"].values()) and last["guard"]["lr_scale"] == 1.0
