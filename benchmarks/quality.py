@@ -26,6 +26,7 @@ import torch
 from featrecon.cache.factory import open_cache
 from featrecon.cache.loader import CacheLoader, fits_in_memory
 from featrecon.device import resolve_device
+from featrecon.errors import FeatreconError
 from featrecon.evaluate.config import ScoreConfig
 from featrecon.evaluate.scoring import score
 from featrecon.train.config import TrainConfig, layer_strides, resolve
@@ -111,11 +112,18 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
     cfg = replace(cfg, epochs=epochs)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    fit(cfg)
+    stopped = ""
+    try:
+        fit(cfg)
+    except FeatreconError as e:  # the guard gave up: the row says so, with the last good checkpoint scored
+        stopped = str(e)
     seconds = time.perf_counter() - t0
-    log.info("%s / %s: %d epochs in %.0f s (budget %.0f s)", layer, name, epochs, seconds, minutes * 60)
+    guard = torch.load(out / "last.pt", weights_only=False).get("guard", {})
+    log.info("%s / %s: %d epochs in %.0f s (budget %.0f s), %d rollbacks", layer, name, epochs, seconds, minutes * 60,
+             len(guard.get("rollbacks", [])))
     return {"layer": layer, "variant": name, "settings": settings, "epochs": epochs, "train_seconds": seconds,
-            "step_rate": rate, "validation_seconds": val_seconds}
+            "step_rate": rate, "validation_seconds": val_seconds, "rollbacks": guard.get("rollbacks", []),
+            "stopped": stopped}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,11 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copytree(runs / layer / f"v{list(VARIANTS).index(row['variant'])}", link)
     score(ScoreConfig(cache=args.cache, runs=args.out / "best", out=args.out / "report", progress=False, save=6))
     shutil.rmtree(args.out / "scratch", ignore_errors=True)
-    md = ["| layer | variant | epochs | train s | step samples/s | holdout PSNR (dB) | SSIM | mean image PSNR / SSIM |",
-          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    md = ["| layer | variant | epochs | train s | step samples/s | holdout PSNR (dB) | SSIM | mean image PSNR / SSIM "
+          "| blow-ups (rolled back at epoch) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        jumps = ", ".join(str(b["epoch"]) for b in r["rollbacks"]) + (" (stopped)" if r["stopped"] else "")
         md.append(f"| {r['layer']} | {r['variant']} | {r['epochs']} | {r['train_seconds']:.0f} | {r['step_rate']:.1f} | "
-                  f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['floor_psnr']:.2f} / {r['floor_ssim']:.3f} |")
+                  f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['floor_psnr']:.2f} / {r['floor_ssim']:.3f} | {jumps or 'none'} |")
     (args.out / "table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
