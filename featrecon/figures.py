@@ -58,20 +58,39 @@ def image_grid(indices: list[int], columns: list[tuple[str, dict[int, np.ndarray
     plt.close(fig)
 
 
-def plot_psnr_by_layer(rows: list[dict], baseline: dict, path: Path) -> None:
-    """Mean PSNR (95% CI bars) per run, shallow to deep, with the mean-image floor."""
+# The depth figure's panels: (metric key, axis label); a panel is drawn where some run has the metric.
+PANELS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS (lower: closer)"),
+          ("top1_agreement", "top-1 agreement with the original"), ("top1_correct", "top-1 accuracy"),
+          ("cosine@decoded", "feature cosine, decoded layer"))
+
+
+def _summary(row: dict, key: str):
+    if key == "cosine@decoded":
+        key = f"cosine/{row['layers'].split('+')[-1]}"
+    s = row.get(key)
+    return s if s and s.get("mean") is not None else None
+
+
+def plot_metrics_by_layer(rows: list[dict], baseline: dict, path: Path) -> None:
+    """One panel per metric: each run's mean (95% CI bars), shallow to deep, with the mean-image floor."""
+    panels = [(k, label) for k, label in PANELS if any(_summary(r, k) for r in rows)]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4, 1.2 * len(rows) + 2) * 0.8 * len(panels), 3.4),
+                             squeeze=False)
     x = np.arange(len(rows))
-    means = [r["psnr"]["mean"] for r in rows]
-    err = [0 if r["psnr"]["ci95"] is None or not math.isfinite(r["psnr"]["ci95"][1]) else
-           (r["psnr"]["ci95"][1] - r["psnr"]["ci95"][0]) / 2 for r in rows]
-    ax.errorbar(x, means, yerr=err, marker="o", capsize=4, label="decoder")
-    if baseline["psnr"]["mean"] is not None:
-        ax.axhline(baseline["psnr"]["mean"], color="gray", ls="--", label="mean train image")
-    ax.set_xticks(x, [r["layers"] for r in rows], rotation=20)
-    ax.set(ylabel="PSNR (dB)", title="reconstruction quality by depth")
-    ax.legend(fontsize=8)
+    for ax, (key, label) in zip(axes[0], panels):
+        found = [_summary(r, key) for r in rows]
+        means = [np.nan if s is None else s["mean"] for s in found]
+        err = [0 if s is None or s["ci95"] is None or not math.isfinite(s["ci95"][1]) else
+               (s["ci95"][1] - s["ci95"][0]) / 2 for s in found]
+        ax.errorbar(x, means, yerr=err, marker="o", capsize=4, label="decoder")
+        floor = _summary(baseline, key) if key != "cosine@decoded" else None
+        if floor is not None:
+            ax.axhline(floor["mean"], color="gray", ls="--", label="mean train image")
+        ax.set_xticks(x, [r["layers"] for r in rows], rotation=20)
+        ax.set(ylabel=label)
+        ax.legend(fontsize=7)
+    fig.suptitle("reconstruction quality by depth", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,6 +11,7 @@ from ..settings import LOCATION, PATH, setting
 
 SPLITS = ("holdout", "train", "all")
 WHICH = ("best", "last")
+LPIPS_NETS = ("alex", "vgg", "none")
 
 
 @dataclass(frozen=True)
@@ -28,18 +29,26 @@ class ScoreConfig:
     save: int = setting(8, parse=int, help="images saved as original_X.png / reconstruction_X.png per run")
     batch_size: int = setting(16, parse=int, help="images per reconstruction batch")
     device: str = setting("auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    lpips: str = setting("alex", choices=LPIPS_NETS, help="LPIPS trunk: alex (what papers report), vgg, or none")
+    lpips_weights: Path | None = setting(None, parse=PATH, help="a torchvision state dict of the LPIPS trunk (default: "
+                                         "its ImageNet weights from torchvision's cache, downloaded once)")
+    backbone_metrics: bool = setting(True, negate="--no-backbone-metrics", help="leave out the top-1 of the "
+                                     "reconstructions and their feature fidelity (both run the cache's backbone)")
     skip_corrupt: bool = setting(False, help="leave out samples whose stored chunks fail their checksum or are "
                                  "missing (counted in the report) instead of stopping")
     progress: bool = setting(True, negate="--no-progress", help="no progress bar")
 
     def validate(self) -> None:
         """One clear error for the first bad setting, before any checkpoint or cache is read."""
-        for flag, value, choices in (("--split", self.split, SPLITS), ("--which", self.which, WHICH)):
+        for flag, value, choices in (("--split", self.split, SPLITS), ("--which", self.which, WHICH),
+                                     ("--lpips", self.lpips, LPIPS_NETS)):
             if value not in choices:
                 raise FeatreconError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
         if self.save < 0:
             raise FeatreconError(f"--save {self.save}: must be 0 or more")
         if self.batch_size < 1:
             raise FeatreconError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
+            raise FeatreconError(f"--lpips-weights {self.lpips_weights}: file not found")
         if self.images is not None and not is_url(self.images) and not Path(self.images).is_dir():
             raise FeatreconError(f"--images {self.images}: folder not found; point it at the originals' folder")

@@ -29,8 +29,10 @@ from ..extract.images import ImageError, load_image
 from ..figures import save_png
 from ..metrics import summarize
 from ..train.checkpoint import decoder_from_checkpoint, load_checkpoint, run_checkpoint
-from ..train.validate import METRICS, evaluate, measure
+from ..train.validate import evaluate, measure
 from .config import SPLITS, ScoreConfig
+from .fidelity import Judge
+from .perceptual import Perceptual
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -144,19 +146,68 @@ def mean_train_image(store: CacheStore, skip_corrupt: bool = False) -> tuple[np.
     return (total / max(1, n) / 255).astype(np.float32), loader.corrupt
 
 
-def score_baseline(store: CacheStore, idx: np.ndarray, batch_size: int, skip_corrupt: bool = False) -> tuple[dict, set[int]]:
-    """The mean training image as a predictor of every scored image: the floor to beat."""
-    mean, corrupt = mean_train_image(store, skip_corrupt)
+def score_baseline(store: CacheStore, idx: np.ndarray, cfg: ScoreConfig, measures: Measures) -> tuple[dict, set[int]]:
+    """The mean training image as a predictor of every scored image: the floor to beat, by every metric."""
+    mean, corrupt = mean_train_image(store, cfg.skip_corrupt)
     mean = torch.from_numpy(mean)
-    loader = CacheLoader(store.path, (), idx, batch_size, shuffle=False, in_memory=False, reuse_buffers=True,
-                         skip_corrupt=skip_corrupt)
-    parts = {k: [] for k in METRICS}
+    loader = CacheLoader(store.path, measures.judged_layers(), idx, cfg.batch_size, shuffle=False, in_memory=False,
+                         reuse_buffers=True, skip_corrupt=cfg.skip_corrupt)
+    parts: dict[str, list] = {}
     for b in loader.epoch(0):
         target = b.images.float() / 255
-        for k, v in measure(mean.expand_as(target), target).items():
-            parts[k].append(v)
+        pred = mean.expand_as(target)
+        found = measure(pred, target)
+        for m in measures.all(loader):
+            found.update(m(pred, target, b))
+        for k, v in found.items():
+            parts.setdefault(k, []).append(v)
     loader.close()
     return {k: np.concatenate(v) for k, v in parts.items()}, corrupt | loader.corrupt
+
+
+class Measures:
+    """The metrics beyond MSE, PSNR and SSIM: LPIPS, and the backbone's top-1 and feature fidelity,
+    each built once (or left out, with the reason) and run on every batch."""
+
+    def __init__(self, cfg: ScoreConfig, store: CacheStore, device: torch.device):
+        self.perceptual = Perceptual(cfg.lpips, cfg.lpips_weights, device)
+        self.judge = Judge(store.meta, device) if cfg.backbone_metrics else None
+        self.labels = store.read_all(S.LABELS)
+        self.meta = store.meta
+
+    def judged_layers(self, decoded: list[str] | None = None) -> tuple[str, ...]:
+        """The cached layers the judge compares (all of them for the floor)."""
+        if self.judge is None or not self.judge.available:
+            return ()
+        return tuple(self.judge.layers_for(decoded or list(self.meta.layers)))
+
+    def loader_layers(self, decoded: list[str]) -> tuple[str, ...]:
+        """The run's own layers first (the decoder's input), then the deeper ones the judge needs."""
+        return (*decoded, *[l for l in self.judged_layers(decoded) if l not in decoded])
+
+    def all(self, loader: CacheLoader, decoded: list[str] | None = None):
+        """The measures of one loader's batches (the judge needs to know which features it holds)."""
+        found = [self.perceptual] if self.perceptual.available else []
+        if self.judge is not None and self.judge.available:
+            layers = list(loader.layers)
+            judged = set(self.judged_layers(decoded))
+
+            def backbone(pred, target, batch):
+                cached = {l: f for l, f in zip(layers, batch.features) if l in judged}
+                return self.judge.judge(pred, target, batch.indices, self.labels[batch.indices], cached)
+            found.append(backbone)
+        return found
+
+    def left_out(self) -> dict[str, str]:
+        """{metric: why} for the metrics that could not be computed."""
+        out = {}
+        if not self.perceptual.available:
+            out["LPIPS"] = self.perceptual.why
+        if self.judge is None:
+            out["top-1 and feature fidelity"] = "not asked for (--no-backbone-metrics)"
+        elif not self.judge.available:
+            out["top-1 and feature fidelity"] = self.judge.why
+        return out
 
 
 def score(cfg: ScoreConfig) -> dict:
@@ -173,29 +224,39 @@ def score(cfg: ScoreConfig) -> dict:
             raise FeatreconError(f"two runs would share a report folder ({', '.join(names)}); score them separately")
         keep = set(idx[: max(0, cfg.save)].tolist())
         cfg.out.mkdir(parents=True, exist_ok=True)
+        measures = Measures(cfg, store, device)
         rows, recon, corrupt = [], {}, set()
         for name, path, ckpt in ckpts:
             model = decoder_from_checkpoint(ckpt).to(device)
-            loader = CacheLoader(store.path, tuple(ckpt["layers"]), idx, cfg.batch_size, shuffle=False,
+            decoded = list(ckpt["layers"])
+            loader = CacheLoader(store.path, measures.loader_layers(decoded), idx, cfg.batch_size, shuffle=False,
                                  in_memory=False, reuse_buffers=True, skip_corrupt=cfg.skip_corrupt)
-            res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}")
+            res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}",
+                           measures=measures.all(loader, decoded), inputs=len(decoded))
             loader.close()
             corrupt |= loader.corrupt
             recon[name] = res["kept"]
             rows.append(_row(name, path, ckpt, res))
             _save_pairs(store, cfg.out / safe_name(name), res["kept"])
-        base, base_corrupt = score_baseline(store, idx, cfg.batch_size, cfg.skip_corrupt)
+        base, base_corrupt = score_baseline(store, idx, cfg, measures)
         corrupt |= base_corrupt
         scored = idx[~np.isin(idx, list(corrupt))]
         baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0,
-                    "n": len(base["mse"]), **{k: summarize(v) for k, v in base.items()}}
+                    "n": len(base["mse"]), **summaries(base)}
         root = cfg.images if remote.is_url(cfg.images) else (Path(cfg.images).resolve() if cfg.images else None)
         originals = check_originals(store, scored, root or Path(store.meta.source_root),
                                     cfg.progress)
-        report = write_report(cfg, store, rows, baseline, originals, scored, recon, sorted(corrupt))
+        report = write_report(cfg, store, rows, baseline, originals, scored, recon, sorted(corrupt), measures.left_out())
     finally:
         store.close()
     return report
+
+
+def summaries(values: dict[str, np.ndarray]) -> dict:
+    """Each per-image metric's mean, std and 95% interval, over the images where it is defined
+    (top-1 accuracy only where the label is known)."""
+    return {k: summarize(v[np.isfinite(v)] if k == "top1_correct" else v) for k, v in values.items()
+            if k not in ("index", "kept")}
 
 
 def _compatible(ckpt: dict, path: Path, store: CacheStore) -> dict:
@@ -212,10 +273,20 @@ def _compatible(ckpt: dict, path: Path, store: CacheStore) -> dict:
 
 
 def _row(name: str, path: Path, ckpt: dict, res: dict) -> dict:
+    metrics = {k: v for k, v in res.items() if k not in ("index", "kept")}
     return {"run": name, "checkpoint": str(path), "layers": "+".join(ckpt["layers"]),
             "parameters": ckpt.get("n_parameters", 0), "epochs": ckpt["epoch"], "n": int(len(res["index"])),
-            **{k: summarize(res[k]) for k in METRICS},
-            "per_image": {"index": res["index"].tolist(), **{k: res[k].tolist() for k in METRICS}}}
+            "trained": trained_on(ckpt), **summaries(res),
+            "per_image": {"index": res["index"].tolist(), **{k: v.tolist() for k, v in metrics.items()}}}
+
+
+def trained_on(ckpt: dict) -> dict:
+    """How a run was trained, from its own checkpoint (not from the cache being scored): the decoder,
+    its window and width, and the cache and views it read."""
+    cfg, meta = ckpt.get("train_config", {}), ckpt.get("cache_meta", {})
+    return {"arch": ckpt.get("decoder_config", {}).get("arch", "upconv"), "crop": cfg.get("crop"),
+            "width": cfg.get("width"), "loss": cfg.get("loss", "mse"), "cache": meta.get("cache", cfg.get("cache")),
+            "views": meta.get("views")}
 
 
 def _save_pairs(store: CacheStore, folder: Path, kept: dict[int, np.ndarray]) -> None:

@@ -53,33 +53,32 @@ def preprocessing_for(weights: str, size: int | None = None) -> Preprocessing:
     return Preprocessing(resize=resize, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _download_state_dict(name: str) -> dict:
-    from torchvision.models import ResNet50_Weights
-
-    weights = ResNet50_Weights[name]
+def download_state_dict(weights, label: str, alternative: str) -> dict:
+    """The state dict of a torchvision weights enum member: from torchvision's cache (torch hub's
+    checkpoints folder), downloaded there once, or a one-line error: `label` and what could not be
+    downloaded, where to put the file, and the `alternative`."""
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # never hang on a dead network
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # URLError, timeout, hash mismatch, ...
         hub = Path(torch.hub.get_dir()) / "checkpoints"
-        raise FeatreconError(
-            f"--weights {name}: could not download {weights.url} ({e}); this machine may be offline. "
-            f"Put that file in {hub}, or pass --weights PATH (a state dict saved with "
-            "torch.save(model.state_dict(), PATH)), or --weights random for a seeded random init") from None
+        raise FeatreconError(f"{label}: could not download {weights.url} ({e}); this machine may be offline. Put that "
+                             f"file in {hub}, or {alternative}") from None
     finally:
         socket.setdefaulttimeout(old)
 
 
-def _load_state_dict_file(path: Path) -> dict:
+def load_state_dict_file(path: Path, flag: str = "--weights") -> dict:
+    """A state dict saved with torch.save (a {"state_dict": ...} wrapper and DDP's "module." prefix undone)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FeatreconError(f"--weights {path}: not a readable torch state-dict file ({e})") from None
+        raise FeatreconError(f"{flag} {path}: not a readable torch state-dict file ({e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise FeatreconError(f"--weights {path}: expected a state dict, found {type(sd).__name__}")
+        raise FeatreconError(f"{flag} {path}: expected a state dict, found {type(sd).__name__}")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -106,9 +105,10 @@ def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
         from torchvision.models import ResNet50_Weights
 
         name = ResNet50_Weights[weights].name  # DEFAULT -> IMAGENET1K_V2
-        sd = _download_state_dict(name)
+        sd = download_state_dict(ResNet50_Weights[name], f"--weights {name}", "pass --weights PATH (a state dict saved "
+                                 "with torch.save(model.state_dict(), PATH)), or --weights random for a seeded random init")
     else:
-        sd, name = _load_state_dict_file(Path(weights)), str(Path(weights).resolve())
+        sd, name = load_state_dict_file(Path(weights)), str(Path(weights).resolve())
     model = resnet50(weights=None)
     try:
         model.load_state_dict(sd)
@@ -292,3 +292,13 @@ class FeatureExtractor(nn.Module):
         dev = self.mean.device
         out = self.forward(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=dev))
         return {k: list(v.shape[1:]) for k, v in out.items()}
+
+
+def rebuild_backbone(meta):
+    """The backbone a cache records (its `CacheMeta`), as a torchvision model in eval mode, checked against
+    the cache's fingerprint; or a FeatreconError saying why it cannot be rebuilt."""
+    model, _ = load_resnet50(meta.weights)
+    if fingerprint(model) != meta.weights_fingerprint:
+        raise FeatreconError(f"the weights {meta.weights} are not the ones the cache was made with (their "
+                             "fingerprint differs)")
+    return model

@@ -13,7 +13,7 @@ from ..errors import FeatreconError
 from ..settings import LOCATION, PATH, comma_list, or_auto, setting
 
 ARCHS = ("espcn", "edsr", "upconv")
-LOSSES = ("mse", "l1", "mse+ssim")
+LOSSES = ("mse", "l1", "mse+ssim", "mse+feat")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "yes", "no")
 IN_MEMORY = ("auto", "yes", "no")
@@ -58,9 +58,13 @@ class TrainConfig:
                         "compares them")
     input_norm: bool = setting(True, negate="--no-input-norm", help="feed the features unscaled (default: each "
                                "channel standardised by the training features' mean and std, kept in the checkpoint)")
-    loss: str = setting("mse", choices=LOSSES, help="training loss: mse, l1, or mse+ssim (MSE + ssim_weight * "
-                        "(1 - SSIM))")
+    loss: str = setting("mse", choices=LOSSES, help="training loss: mse, l1, mse+ssim (MSE + ssim_weight * "
+                        "(1 - SSIM)) or mse+feat (MSE + feat_weight * the relative squared error of the frozen "
+                        "backbone's features of the reconstruction against the cached ones, at the decoded layer: "
+                        "DeePSiM's feature loss)")
     ssim_weight: float = setting(0.1, parse=float, help="weight of the SSIM term in mse+ssim")
+    feat_weight: float = setting(0.1, parse=float, help="weight of the feature term in mse+feat (0.1: about the MSE "
+                                 "of a layer3 decoder late in training; benchmarks/QUALITY.md)")
     seed: int = setting(0, parse=int, help="decoder initialisation and data order")
     device: str = setting("auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     precision: str = setting("auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on a CPU "
@@ -111,6 +115,7 @@ class TrainConfig:
                    "must be auto or in (0, 1]"),
                   ("--depth", self.depth, self.depth >= 0, "must be 0 or more"),
                   ("--ssim-weight", self.ssim_weight, self.ssim_weight >= 0, "must be 0 or more"),
+                  ("--feat-weight", self.feat_weight, self.feat_weight >= 0, "must be 0 or more"),
                   ("--eval-samples", self.eval_samples, self.eval_samples >= 1, "must be at least 1"),
                   ("--crop", self.crop, self.crop is None or self.crop >= 0,
                    "must be auto, 0 (whole images) or a size in pixels"),

@@ -29,6 +29,7 @@ from ..cache.loader import CacheLoader
 from ..device import resolve_device
 from ..distributed import Group, join, leave
 from ..errors import FeatreconError
+from ..extract.backbone import FeatureExtractor, rebuild_backbone
 from ..figures import plot_training
 from ..version import __version__
 from .checkpoint import (
@@ -77,6 +78,7 @@ class Run:
     eval_on: str  # "validation" or "train subset"
     n_train: int
     n_validation: int
+    encoder: torch.nn.Module | None = None  # --loss mse+feat: the frozen backbone to the decoded layers
 
     def close(self) -> None:
         self.loader.close()
@@ -127,7 +129,7 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
             progress = restore(run, resume_from)
             step = Step(run.net, run.opt, Schedule(run.cfg.lr, run.cfg.epochs * len(run.loader), run.cfg.warmup),
                         run.cfg, group.device, run.settings, steps_done=progress.epoch * len(run.loader),
-                        guard=progress.guard, group=group)
+                        guard=progress.guard, group=group, encoder=run.encoder)
             epoch = progress.epoch
             while epoch < run.cfg.epochs:
                 start = Snapshot.take(run.model, run.opt, step.guard)  # what a blow-up in this epoch returns to
@@ -196,12 +198,26 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
     pick_from, eval_on = (val_idx, "validation") if len(val_idx) else (idx[store.centre()[idx]], "train subset")
     eval_loader = CacheLoader(cfg.cache, cfg.layers, evaluation_indices(pick_from, cfg.eval_samples, cfg.seed),
                               cfg.batch_size, shuffle=False, in_memory=True, skip_corrupt=cfg.skip_corrupt)
-    run = Run(cfg, dcfg, fp, store, group, settings, model, net, opt, loader, eval_loader, eval_on, len(idx), len(val_idx))
+    run = Run(cfg, dcfg, fp, store, group, settings, model, net, opt, loader, eval_loader, eval_on, len(idx), len(val_idx),
+              feature_encoder(cfg, store.meta, settings, device))
     log.info("decoder %s: %s parameters; %d train samples (in memory: %s), device %s (%s)%s",
              "+".join(cfg.layers), f"{count_parameters(model):,}", len(idx), loader.in_memory, device,
              ", ".join(k for k, v in asdict(settings).items() if v) or "fp32, eager",
              f"; rank {group.rank} of {group.world}, {cfg.batch_size} samples per rank and step" if group.active else "")
     return run, resume_from
+
+
+def feature_encoder(cfg: TrainConfig, meta: S.CacheMeta, settings: StepSettings, device) -> torch.nn.Module | None:
+    """--loss mse+feat: the cache's backbone, rebuilt and frozen, to the decoded layers."""
+    if cfg.loss != "mse+feat":
+        return None
+    try:
+        backbone = rebuild_backbone(meta)
+    except FeatreconError as e:
+        raise FeatreconError(f"--loss mse+feat needs the cache's backbone: {e}") from None
+    encoder = FeatureExtractor(backbone, {l: meta.nodes[l] for l in cfg.layers}, meta.preprocessing,
+                               settings.channels_last, meta.autocast).to(device).eval()
+    return encoder.requires_grad_(False)
 
 
 def restore(run: Run, resume_from: dict | None) -> Progress:

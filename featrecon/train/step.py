@@ -47,13 +47,36 @@ class Schedule:
             group["lr"] = self.lr(step) * scale
 
 
-def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, feats: list[torch.Tensor] | None = None,
+                 encoder=None) -> torch.Tensor:
+    """The training loss of [0, 1] reconstructions `pred` of `target`; for mse+feat, `encoder` (the frozen
+    backbone to the decoded layers) re-encodes `pred`, compared with `feats`, the cached features the
+    decoder read (see `feature_loss`)."""
     if cfg.loss == "l1":
         return F.l1_loss(pred, target)
     loss = F.mse_loss(pred, target)
     if cfg.loss == "mse+ssim":
         loss = loss + cfg.ssim_weight * (1 - ssim(pred, target).mean())
+    if cfg.loss == "mse+feat":
+        loss = loss + cfg.feat_weight * feature_loss(encoder, pred, feats)
     return loss
+
+
+def feature_loss(encoder, pred: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the decoded layers of ||f(pred) - f||^2 / ||f||^2, f the cached features (B, C, h, w)
+    the decoder read; on a training window, only the cells at least one cell inside its border
+    (those near the border see image beyond the window in the cache's features)."""
+    got = encoder.features(pred * 255)  # the backbone's input from [0, 1] pixels, with gradients
+    terms = []
+    for want, f in zip(feats, got.values()):
+        f = f.float()
+        if f.shape[-2:] != want.shape[-2:]:
+            raise ValueError(f"feature loss: the reconstruction gives {tuple(f.shape[-2:])} cells, the cache "
+                             f"{tuple(want.shape[-2:])}")
+        if min(want.shape[-2:]) > 2:
+            f, want = f[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1]
+        terms.append((f - want).pow(2).sum() / want.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
 
 
 def to_device(batch: Batch, device: torch.device, channels_last: bool = False, window=None,
@@ -139,12 +162,13 @@ class Step:
     compiling fails on the first step, a one-line warning and the eager decoder."""
 
     def __init__(self, model, opt, schedule: Schedule, cfg: TrainConfig, device: torch.device,
-                 settings: StepSettings, steps_done: int = 0, guard: Guard | None = None, group=None):
+                 settings: StepSettings, steps_done: int = 0, guard: Guard | None = None, group=None, encoder=None):
         self.model, self.opt, self.schedule, self.cfg = model, opt, schedule, cfg
         self.device, self.settings = device, settings
         self.steps_done = steps_done  # optimisation steps taken so far: the schedule's position
         self.guard = guard or Guard()  # checks every step's loss before its update (see `guard`)
         self.group = group  # data parallel: the ranks decide on one loss, their mean
+        self.encoder = encoder  # mse+feat: the frozen backbone to the decoded layers
         self.forward = torch.compile(model) if settings.compile else model
         self._compiled_ok = not settings.compile
 
@@ -167,7 +191,7 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast):
             pred = self.forward(feats)
-        loss = compute_loss(pred.float(), target, self.cfg)
+        loss = compute_loss(pred.float(), target, self.cfg, feats, self.encoder)
         value = loss.item()
         if self.group is not None and self.group.active:
             value = self.group.sum(value)[0] / self.group.world

@@ -60,8 +60,19 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     first = holdout[0]
     assert np.array_equal(np.asarray(Image.open(folder / f"original_{first}.png")).transpose(2, 0, 1), images_u8[first])
     assert Image.open(folder / f"reconstruction_{first}.png").size == (SIZE, SIZE)
-    for name in ("grid.png", "psnr_by_layer.png", "report.md"):
+    for name in ("grid.png", "metrics_by_layer.png", "report.md"):
         assert (tmp_path / "report" / name).is_file()
+    # The papers' metrics: top-1 and feature fidelity from the rebuilt random:0 backbone, at the decoded layer
+    # and every deeper one; LPIPS left out offline (no AlexNet weights here), and the report says why.
+    layer1 = report["runs"][0]
+    assert {f"cosine/{l}" for l in ("layer1", "layer2", "layer3", "layer4")} <= set(layer1)
+    assert "cosine/layer3" not in report["runs"][2] and "cosine/layer4" in report["runs"][2]
+    assert 0 <= layer1["top1_agreement"]["mean"] <= 1 and layer1["top1_correct"]["n"] == 0  # no labels known
+    assert "cosine/stem" in report["baseline"] and "top1_agreement" in report["baseline"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    if "lpips" not in layer1:
+        assert "LPIPS" in report["left_out"] and "**LPIPS left out**" in md and "--lpips-weights" in md
+    assert "## How each run was trained" in md and "espcn decoder" in md and "no extra views" in md
     # Per-image SSIM of the scored run equals scikit-image on the same reconstruction.
     from featrecon.train.checkpoint import decoder_from_checkpoint, load_checkpoint
 

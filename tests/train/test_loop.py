@@ -212,3 +212,12 @@ def test_input_channels_are_standardised_by_the_training_features_statistics(zar
                         progress=False, input_norm=False))
     raw = decoder_from_checkpoint(load_checkpoint(tmp_path / "raw" / "last.pt"))
     assert isinstance(raw.norm, torch.nn.Identity)
+
+
+def test_the_feature_loss_trains_and_is_recorded(zarr_cache, tmp_path):
+    out = tmp_path / "feat"
+    fit(tcfg(zarr_cache, out, layers=("layer3",), epochs=2, loss="mse+feat"))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["train_config"]["loss"] == "mse+feat" and ckpt["train_config"]["feat_weight"] == 0.1

@@ -74,3 +74,24 @@ def test_grad_clip_bounds_the_gradient_each_step_takes(clip):
     step([torch.randn(2, 4, 8, 8) * 10], torch.rand(2, 3, 8, 8))
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert (norm <= clip * (1 + 1e-5)) if clip else (norm > 1e-2)
+
+
+def test_the_feature_loss_is_zero_for_the_original_and_pulls_a_reconstruction_towards_its_features(zarr_cache):
+    from featrecon.cache import schema as S
+    from featrecon.cache.factory import open_cache
+    from featrecon.extract.backbone import FeatureExtractor, rebuild_backbone
+    from featrecon.train.step import feature_loss
+
+    with open_cache(zarr_cache) as store:
+        meta = store.meta
+        images = torch.from_numpy(store.read_rows(S.IMAGES, [0, 1])).float() / 255
+        feats = [torch.from_numpy(store.read_rows(S.feature_path("layer2"), [0, 1])).float()]
+    encoder = FeatureExtractor(rebuild_backbone(meta), {"layer2": meta.nodes["layer2"]}, meta.preprocessing).eval()
+    encoder.requires_grad_(False)
+    assert feature_loss(encoder, images, feats).item() < 1e-5  # the cached features are the original's (float16)
+    pred = torch.full_like(images, 0.5, requires_grad=True)
+    loss = feature_loss(encoder, pred, feats)
+    loss.backward()
+    assert loss.item() > 0.01 and pred.grad.abs().sum() > 0  # a gradient reaches the pixels
+    stepped = (pred - 2 * pred.grad / pred.grad.norm()).detach()  # a small step down the gradient
+    assert feature_loss(encoder, stepped, feats).item() < loss.item()
