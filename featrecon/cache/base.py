@@ -209,10 +209,14 @@ class RowReader:
     """Interface: `read(k, rows, outs, on_error=None)` decodes rows `rows` (positions inside
     shard k) of one array into `outs`, one C-contiguous buffer per row. A damaged sample
     raises `CorruptChunk`, or with `on_error` is handed to it (zero-filled) and the others
-    are read. Safe to call from several threads at once."""
+    are read. Safe to call from several threads at once. `read_chunks` does the same for a few
+    rows of a shard, reading only theirs (a reader without a cheaper way reads as `read`)."""
 
     def read(self, k: int, rows, outs, on_error=None) -> None:
         raise NotImplementedError
+
+    def read_chunks(self, k: int, rows, outs, on_error=None) -> None:
+        self.read(k, rows, outs, on_error)
 
 
 class SliceReader(RowReader):
@@ -224,30 +228,37 @@ class SliceReader(RowReader):
         self.store, self.name = store, name
 
     def read(self, k, rows, outs, on_error=None):
+        self._read(k, rows, outs, on_error, whole=True)
+
+    def read_chunks(self, k, rows, outs, on_error=None):
+        self._read(k, rows, outs, on_error, whole=False)
+
+    def _read(self, k, rows, outs, on_error, whole: bool):
+        """The rows through the backend's library: the whole shard at once (`whole`), or row by row."""
         start, stop = self.store.meta.shard_bounds(k)
         gone = set(self.store.missing_rows(self.name, k, rows))
-        if gone:
-            for r, out in zip(rows, outs):
-                if r in gone:
-                    out[...] = 0
-                    CorruptChunk(self.name, start + r, "missing: its stored chunk is gone though the sample "
-                                        "is marked done").handle(on_error)
-            rows, outs = zip(*[(r, o) for r, o in zip(rows, outs) if r not in gone]) if len(gone) < len(rows) else ((), ())
-            if not rows:
-                return
-        try:
-            data = self.store.read_with_library(self.name, start, stop)
-        except (OSError, ValueError):
-            for r, out in zip(rows, outs):
-                try:
-                    out[...] = self.store.read_with_library(self.name, start + r, start + r + 1)[0]
-                except (OSError, ValueError) as e:
-                    out[...] = 0
-                    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    CorruptChunk(self.name, start + r, f"fails its checksum or cannot be read ({why})").handle(on_error)
-            return
         for r, out in zip(rows, outs):
-            out[...] = data[r]
+            if r in gone:
+                out[...] = 0
+                CorruptChunk(self.name, start + r, "missing: its stored chunk is gone though the sample "
+                             "is marked done").handle(on_error)
+        pairs = [(r, o) for r, o in zip(rows, outs) if r not in gone]
+        if whole and pairs:
+            try:
+                data = self.store.read_with_library(self.name, start, stop)
+            except (OSError, ValueError):
+                pass  # read row by row below, to name the damaged ones
+            else:
+                for r, out in pairs:
+                    out[...] = data[r]
+                return
+        for r, out in pairs:
+            try:
+                out[...] = self.store.read_with_library(self.name, start + r, start + r + 1)[0]
+            except (OSError, ValueError) as e:
+                out[...] = 0
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                CorruptChunk(self.name, start + r, f"fails its checksum or cannot be read ({why})").handle(on_error)
 
 
 def stacked(rows) -> np.ndarray:

@@ -15,6 +15,7 @@ training step converts them to float32 on the device.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -31,7 +32,7 @@ from . import remote
 from . import schema as S
 from .base import CacheStore
 from .factory import open_cache
-from .plan import Block, blocks, epoch_plan, steps_per_epoch
+from .plan import SHUFFLES, Block, blocks, epoch_plan, steps_per_epoch
 
 log = logging.getLogger(__name__)
 REMOTE_THREADS = 32  # shard reads in flight on an object store
@@ -135,13 +136,18 @@ class CacheLoader:
                  shuffle: bool = True, seed: int = 0, prefetch: int | None = None, window: int = 4,
                  in_memory: bool | str = "auto", pin_memory: bool = False, threads: int | None = None,
                  reuse_buffers: bool = False, skip_corrupt: bool = False, fmt: str | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, mode: str = "window"):
         """`reuse_buffers`: a batch's buffers are recycled once the next batch is asked for (for
         callers done with a batch by then). `rank`, `world`: data parallel; every rank computes the
-        same plan and reads its part of each global batch (see `plan.epoch_plan`)."""
+        same plan and reads its part of each global batch (see `plan.epoch_plan`). `mode`: the
+        shuffle, "global" or "window" (see `plan`), or "auto": global for a local cache, windowed on
+        an object store, where each read is a round trip and whole shard objects are read instead."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} of a world of {world}")
         self.path, self.fmt = (path if remote.is_url(path) else Path(path)), fmt
+        if mode not in (*SHUFFLES, "auto"):
+            raise ValueError(f"shuffle mode {mode!r}: choose auto or one of {', '.join(SHUFFLES)}")
+        self.mode = ("window" if remote.is_url(path) else "global") if mode == "auto" else mode
         self.rank, self.world = rank, world
         self.layers = tuple(layers)
         self.indices = np.sort(np.asarray(indices, dtype=np.int64))
@@ -218,11 +224,72 @@ class CacheLoader:
     def plan(self, epoch: int) -> tuple[list[int], np.ndarray]:
         """This rank's plan of `epoch` (see `plan.epoch_plan`)."""
         return epoch_plan([len(b.rows) for b in self.blocks], self.batch_size, self.seed, epoch, self.shuffle,
-                          self.window, self.rank, self.world)
+                          self.window, self.rank, self.world, self.mode)
+
+    def describe(self) -> str:
+        """The shuffle in words, for the log."""
+        if not self.shuffle:
+            return "no shuffle"
+        if self.mode == "global":
+            return ("global shuffle: every batch drawn from the whole set" + ("" if self.in_memory else
+                    ", each sample's chunk read through its shard's index"))
+        return f"windowed shuffle: batches drawn from {self.window} shards at a time, each shard read whole"
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch. The order depends only on (seed, epoch)."""
-        return self._batches(self._memory_epoch(epoch) if self.in_memory else self._stream_epoch(epoch))
+        if self.in_memory:
+            return self._batches(self._memory_epoch(epoch))
+        return self._batches(self._stream_batches(epoch) if self.mode == "global" and self.shuffle
+                             else self._stream_epoch(epoch))
+
+    def _stream_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+        """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each batch's samples
+        grouped by shard and their chunks read on the pool (a few tasks per batch)."""
+        order, seq = self.plan(epoch)
+        bs = self.batch_size
+        starts = range(0, len(seq), bs)
+        pool = self._executor()
+
+        def submit(start: int):
+            part = seq[start: start + bs]
+            buffers = self.buffers.take(len(part))
+            by_block: dict[int, list[tuple[int, int]]] = {}
+            for j, (p, r) in enumerate(part.tolist()):
+                by_block.setdefault(p, []).append((r, j))
+            items = list(by_block.items())
+            per_task = -(-len(items) // self.threads)
+            futures = [pool.submit(self._decode_chunks, items[i: i + per_task], buffers, order)
+                       for i in range(0, len(items), per_task)]
+            return buffers, futures, part
+
+        ahead = collections.deque(submit(s) for s in starts[: self.prefetch])
+        following = iter(starts[self.prefetch:])
+        try:
+            while ahead:
+                buffers, futures, part = ahead.popleft()
+                for f in futures:
+                    f.result()
+                nxt = next(following, None)
+                if nxt is not None:
+                    ahead.append(submit(nxt))
+                yield buffers, self._sample_indices(order, part)
+        finally:
+            for _, futures, _ in ahead:
+                for f in futures:
+                    f.cancel()
+
+    def _decode_chunks(self, items: list[tuple[int, list[tuple[int, int]]]], buffers: dict[str, torch.Tensor],
+                       order: list[int]) -> None:
+        """Decode, for each (block position, [(row, batch slot)]), those rows' chunks of every array."""
+        try:
+            for p, pairs in items:
+                block = self.blocks[order[p]]
+                rows = [int(block.rows[r]) for r, _ in pairs]
+                for name in self.names:
+                    self._reader(name).read_chunks(block.k, rows, [buffers[name][j].numpy() for _, j in pairs],
+                                                   on_error=self.damage.on_error())
+        except CorruptChunk as e:
+            raise self.damage.error(e) from None
 
     def _stream_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
         order, seq = self.plan(epoch)

@@ -17,6 +17,9 @@ LOSSES = ("mse", "l1", "mse+ssim", "mse+feat")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "yes", "no")
 IN_MEMORY = ("auto", "yes", "no")
+SHUFFLE_CHOICES = ("auto", "global", "window")
+# What a setting added after a run was written meant for that run, where its default is not it.
+LEGACY = {"shuffle": "window"}
 # Peak learning rate per decoder. upconv normalises every stage (GroupNorm) and trains at 2e-3;
 # edsr and espcn have no normalisation, and at 2e-3 Adam's first steps blew their outputs up or
 # silenced every unit (benchmarks/QUALITY.md); 5e-4 trained steadily.
@@ -73,8 +76,12 @@ class TrainConfig:
                            "eager, with a warning, if compiling fails)")
     in_memory: str = setting("auto", choices=IN_MEMORY, help="load the training arrays into RAM once (auto: when "
                              "they fit comfortably)")
-    prefetch: int | None = setting(None, parse=int, help="shards read ahead of the step (default: twice "
-                                   "--read-threads)")
+    shuffle: str = setting("window", choices=SHUFFLE_CHOICES, help="the training order: global (every batch drawn "
+                           "from the whole train split; each sample's chunk read through its shard's index), window "
+                           "(batches from 4 shards at a time, each shard read whole: for object stores), or auto "
+                           "(global on a local cache, window on an object store)")
+    prefetch: int | None = setting(None, parse=int, help="shards (windowed) or batches (global) read ahead of the "
+                                   "step (default: twice --read-threads)")
     read_threads: int | None = setting(None, parse=int, help="threads decoding the cache (default: all cores)")
     eval_samples: int = setting(64, parse=int, help="at most this many validation images for the per-epoch PSNR "
                                 "that chooses best.pt")
@@ -130,7 +137,8 @@ class TrainConfig:
         for flag, value, choices in (("--loss", self.loss, LOSSES), ("--arch", self.arch, ARCHS),
                                      ("--precision", self.precision, PRECISIONS),
                                      ("--compile", self.compile, COMPILE_CHOICES),
-                                     ("--in-memory", self.in_memory, IN_MEMORY)):
+                                     ("--in-memory", self.in_memory, IN_MEMORY),
+                                     ("--shuffle", self.shuffle, SHUFFLE_CHOICES)):
             if value not in choices:
                 raise FeatreconError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
         if not self.layers:

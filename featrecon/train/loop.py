@@ -42,7 +42,7 @@ from .checkpoint import (
     load_checkpoint,
     write_json,
 )
-from .config import RESUMABLE_CHANGES, TrainConfig, layer_strides, resolve
+from .config import LEGACY, RESUMABLE_CHANGES, TrainConfig, layer_strides, resolve
 from .decoders import Decoder, DecoderConfig, count_parameters
 from .guard import BlowUp, Guard, Snapshot, roll_back
 from .samples import channel_stats, evaluation_indices, train_indices, validation_split
@@ -188,7 +188,7 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
     loader = CacheLoader(cfg.cache, cfg.layers, idx, cfg.batch_size, shuffle=True, seed=cfg.seed, prefetch=cfg.prefetch,
                          in_memory={"auto": "auto", "yes": True, "no": False}[cfg.in_memory],
                          pin_memory=device.type == "cuda", threads=cfg.read_threads, reuse_buffers=True,
-                         skip_corrupt=cfg.skip_corrupt, rank=group.rank, world=group.world)
+                         skip_corrupt=cfg.skip_corrupt, rank=group.rank, world=group.world, mode=cfg.shuffle)
     if len(loader) == 0:
         loader.close()
         raise FeatreconError(f"--batch-size {cfg.batch_size}: {len(idx)} training samples do not fill one step of "
@@ -200,8 +200,8 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
                               cfg.batch_size, shuffle=False, in_memory=True, skip_corrupt=cfg.skip_corrupt)
     run = Run(cfg, dcfg, fp, store, group, settings, model, net, opt, loader, eval_loader, eval_on, len(idx), len(val_idx),
               feature_encoder(cfg, store.meta, settings, device))
-    log.info("decoder %s: %s parameters; %d train samples (in memory: %s), device %s (%s)%s",
-             "+".join(cfg.layers), f"{count_parameters(model):,}", len(idx), loader.in_memory, device,
+    log.info("decoder %s: %s parameters; %d train samples (in memory: %s; %s), device %s (%s)%s",
+             "+".join(cfg.layers), f"{count_parameters(model):,}", len(idx), loader.in_memory, loader.describe(), device,
              ", ".join(k for k, v in asdict(settings).items() if v) or "fp32, eager",
              f"; rank {group.rank} of {group.world}, {cfg.batch_size} samples per rank and step" if group.active else "")
     return run, resume_from
@@ -361,8 +361,9 @@ def _check_run_folder(cfg: TrainConfig, fp: str) -> dict | None:
         raise FeatreconError(f"--resume: {last} was trained on features with fingerprint {ckpt['fingerprint']}, "
                              f"this cache gives {fp} (other weights, preprocessing or layer shapes)")
     old, new = ckpt["train_config"], cfg.to_dict()
-    # A setting added after the run was written (grad_clip) is read as its default, which the run trained with.
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    # A setting added after the run was written (grad_clip) is read as what the run trained with: its
+    # default, or where the default has changed since, the old behaviour (LEGACY).
+    defaults = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **LEGACY}
     diffs = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k]]
     if diffs:
         raise FeatreconError(f"--resume: settings differ from the run in {cfg.out} ({', '.join(diffs)}); "

@@ -12,8 +12,9 @@ from featrecon.cache.loader import CacheLoader
 from featrecon.train.samples import train_indices
 
 
+@pytest.mark.parametrize("mode", ["window", "global"])
 @pytest.mark.parametrize("in_memory,threads", [(False, 1), (False, 3), (True, 2)])
-def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_memory, threads):
+def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_memory, threads, mode):
     with open_cache(small_cache) as store:
         split, n = store.read_all(S.SPLIT), store.meta.n
         train = np.flatnonzero(split == S.SPLIT_TRAIN)
@@ -21,7 +22,7 @@ def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_mem
         feats = store.read(S.feature_path("layer2"), 0, n)
     assert 0 < len(train) < n
     loader = CacheLoader(small_cache, ("layer2",), train, batch_size=5, seed=1, prefetch=2, window=2, in_memory=in_memory,
-                         threads=threads)
+                         threads=threads, mode=mode)
     orders = []
     for epoch in range(2):
         seen = []
@@ -38,7 +39,8 @@ def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_mem
     loader.close()
 
 
-def test_streamed_and_in_memory_batches_are_the_same_and_recycled_buffers_hold_the_right_rows(small_cache):
+@pytest.mark.parametrize("shuffle", ["window", "global"])
+def test_streamed_and_in_memory_batches_are_the_same_and_recycled_buffers_hold_the_right_rows(small_cache, shuffle):
     """The epoch's plan alone decides the batches: streaming and RAM give the same ones; with
     reuse_buffers a batch's buffers are refilled only after the next batch is asked for."""
     with open_cache(small_cache) as store:
@@ -47,7 +49,7 @@ def test_streamed_and_in_memory_batches_are_the_same_and_recycled_buffers_hold_t
     runs = {}
     for mode in (False, True):
         loader = CacheLoader(small_cache, ("layer1",), idx, batch_size=4, seed=3, window=2, in_memory=mode,
-                             reuse_buffers=True, threads=2)
+                             reuse_buffers=True, threads=2, mode=shuffle)
         seen = []
         for b in loader.epoch(2):
             assert all(np.array_equal(b.features[0][j].numpy(), feats[i]) for j, i in enumerate(b.indices.tolist()))
@@ -65,12 +67,13 @@ def test_an_abandoned_epoch_leaves_the_loader_usable(zarr_cache):
     loader.close()
 
 
+@pytest.mark.parametrize("mode", ["window", "global"])
 @pytest.mark.parametrize("in_memory", [False, True])
-def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cache, in_memory):
+def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cache, in_memory, mode):
     with open_cache(zarr_cache) as store:
         idx = train_indices(store, False)
-    whole = CacheLoader(zarr_cache, ("layer2",), idx, 6, seed=3, in_memory=in_memory)
-    ranks = [CacheLoader(zarr_cache, ("layer2",), idx, 3, seed=3, in_memory=in_memory, rank=r, world=2)
+    whole = CacheLoader(zarr_cache, ("layer2",), idx, 6, seed=3, in_memory=in_memory, mode=mode)
+    ranks = [CacheLoader(zarr_cache, ("layer2",), idx, 3, seed=3, in_memory=in_memory, rank=r, world=2, mode=mode)
              for r in range(2)]
     for epoch in (0, 1):
         ref = list(whole.epoch(epoch))[: len(idx) // 6]  # whole global batches only
@@ -86,3 +89,21 @@ def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cac
         l.close()
     with pytest.raises(ValueError):
         CacheLoader(zarr_cache, ("layer2",), idx, 3, rank=2, world=2)
+
+
+def test_auto_shuffles_globally_on_a_local_cache_and_reads_single_chunks(zarr_cache, monkeypatch):
+    from featrecon.cache.shards import ShardDecoder
+
+    loader = CacheLoader(zarr_cache, ("layer3",), np.arange(24), batch_size=4, seed=0, in_memory=False, mode="auto")
+    assert loader.mode == "global" and "global shuffle" in loader.describe()
+    with open_cache(zarr_cache) as store:
+        feats = store.read_rows(S.feature_path("layer3"), np.arange(24))
+    whole_reads = []
+    real = ShardDecoder.read
+    monkeypatch.setattr(ShardDecoder, "read", lambda self, *a, **k: (whole_reads.append(1), real(self, *a, **k))[1])
+    for b in loader.epoch(0):
+        assert all(np.array_equal(b.features[0][j].numpy(), feats[i]) for j, i in enumerate(b.indices.tolist()))
+    assert not whole_reads  # every sample through its shard's index, no whole-shard read
+    loader.close()
+    with pytest.raises(ValueError, match="shuffle mode 'sideways'"):
+        CacheLoader(zarr_cache, ("layer3",), np.arange(4), 2, mode="sideways")

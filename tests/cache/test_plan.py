@@ -48,3 +48,23 @@ def test_ranks_get_disjoint_parts_of_whole_global_batches():
     assert steps_per_epoch(31, 3, world=2) == 5 and steps_per_epoch(31, 3) == 11
     with pytest.raises(ValueError, match="rank 2 of a world of 2"):
         epoch_plan(sizes, 3, 0, 0, rank=2, world=2)
+
+
+def distinct_shards(order, seq, batch_size):
+    blocks_of = np.array(order)[seq[:, 0]]
+    return np.mean([len(set(blocks_of[i: i + batch_size].tolist())) for i in range(0, len(seq), batch_size)])
+
+
+def test_a_global_shuffle_draws_batches_from_the_whole_set_like_a_uniform_one():
+    """Distinct shards per batch, against the expectation for a uniform draw without replacement
+    (a shard of m of the N samples is missed by a batch of B with probability C(N-m, B) / C(N, B))."""
+    from math import comb
+
+    sizes, batch = [32] * 75, 64
+    n = sum(sizes)
+    uniform = len(sizes) * (1 - comb(n - 32, batch) / comb(n, batch))
+    glob = np.mean([distinct_shards(*epoch_plan(sizes, batch, 0, e, mode="global"), batch) for e in range(3)])
+    window = np.mean([distinct_shards(*epoch_plan(sizes, batch, 0, e, window=4), batch) for e in range(3)])
+    assert glob >= 0.97 * uniform and window <= 4.5 < 0.2 * uniform
+    order, seq = epoch_plan(sizes, batch, 5, 1, mode="global")
+    assert sorted(map(tuple, seq.tolist())) == [(b, r) for b in range(75) for r in range(32)]
