@@ -52,7 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, help="images (default: 480 on CPU, 5000 on GPU, 16 with --quick)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, help="default: extract-features' own (8 on a CPU, 128 on a GPU)")
-    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--train-batch", type=int, default=8, help="train-decoder's default batch")
     p.add_argument("--train-steps", type=int)
     p.add_argument("--workers", type=int, help="default: extract-features' own")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"])
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["storage_run"] = stamp
         if "loader" in args.sections:
             drop_page_cache()  # nothing of another section's reads stays warm by accident
-            result["loader"] = loader.bench_loader(cache, args.train_batch, args.passes)
+            result["loader"] = loader.bench_loader(cache, args.train_batch, args.passes, work)
             result["codecs"] = loader.bench_codecs(cache, work, 16 if args.quick else 256, args.train_batch, args.passes)
             result["loader_run"] = stamp
         if "training" in args.sections:

@@ -3,8 +3,12 @@
 For layer1 and layer3, each with the images every batch carries, over the whole cache:
 - the limit: the same shard files read and decompressed by numcodecs alone, on all
   cores, each chunk straight into a batch-shaped buffer (no zarr, no featrecon code);
-- featrecon's loader (streaming, shuffled, batches of `batch`), on one thread and on all
-  cores, and in memory (decoded once, then gathered);
+- featrecon's loader (streaming, batches of `batch`) with the global shuffle (every batch
+  from the whole set; single chunks) on one thread and on all cores, with the windowed
+  shuffle, and in memory (decoded once, then gathered);
+- what a user would write instead: one .npy file per sample and array, read by a torch
+  DataLoader with two worker processes and shuffle=True;
+- how well each shuffles: distinct shards per batch against a uniform draw's expectation;
 - tensorstore's zarr3 driver (whole shards, twice the cores in flight), the engine the
   loader was first meant to use, where it is installed;
 - zarr-python reading whole shards on four threads, each copied into a batch: the read
@@ -31,7 +35,7 @@ from featrecon.cache.schema import Codec
 
 from ..common import disk_bytes, log
 
-TRAINING_CODECS = ("zstd:1", "zstd:-3", "lz4", "none")
+TRAINING_CODECS = ("zstd:3", "zstd:1", "zstd:-1", "zstd:-3", "zstd:-7", "lz4", "none")
 LAYERS = ("layer1", "layer3")
 
 
@@ -108,18 +112,81 @@ def codec_limit(cache: Path, names: list[str], batch: int, threads: int) -> tupl
     return total // len(names), time.perf_counter() - t0
 
 
-def loader_rate(cache: Path, layer: str, batch: int, threads: int, in_memory: bool = False) -> tuple[int, float]:
+def loader_rate(cache: Path, layer: str, batch: int, threads: int, in_memory: bool = False,
+                mode: str = "global", order: list | None = None) -> tuple[int, float]:
+    """(samples, seconds) of one epoch of the loader; with `order`, the batches' sample indices kept there."""
     with open_cache(cache) as store:
         idx = np.arange(store.meta.n)
     loader = CacheLoader(cache, (layer,), idx, batch, shuffle=True, seed=0, in_memory=in_memory, threads=threads,
-                         reuse_buffers=True)
+                         reuse_buffers=True, mode=mode)
     if in_memory:
         loader._load_ram()  # decoded once, before the epochs a run repeats
     t0 = time.perf_counter()
-    n = sum(len(b.indices) for b in loader.epoch(0))
+    n = 0
+    for b in loader.epoch(0):
+        n += len(b.indices)
+        if order is not None:
+            order.append(b.indices.copy())
     dt = time.perf_counter() - t0
     loader.close()
     return n, dt
+
+
+def write_npy_samples(cache: Path, layer: str, folder: Path) -> int:
+    """Every sample's features and image as one .npy file each, as a user would lay them out."""
+    with open_cache(cache) as store:
+        n = store.meta.n
+        feats, images = store.read_all(S.feature_path(layer)), store.read_all(S.IMAGES)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        np.save(folder / f"{i:06d}_feat.npy", feats[i])
+        np.save(folder / f"{i:06d}_image.npy", images[i])
+    return n
+
+
+class NpySamples:
+    """torch Dataset over the .npy files of `write_npy_samples`."""
+
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n = folder, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import torch
+
+        return (i, torch.from_numpy(np.load(self.folder / f"{i:06d}_feat.npy")),
+                torch.from_numpy(np.load(self.folder / f"{i:06d}_image.npy")))
+
+
+def npy_rate(folder: Path, n: int, batch: int, order: list | None = None) -> tuple[int, float]:
+    """(samples, seconds) of one shuffled epoch through a torch DataLoader with 2 workers."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(NpySamples(folder, n), batch_size=batch, shuffle=True, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0), persistent_workers=False)
+    t0 = time.perf_counter()
+    count = 0
+    for idx, _feats, _images in loader:
+        count += len(idx)
+        if order is not None:
+            order.append(idx.numpy())
+    return count, time.perf_counter() - t0
+
+
+def uniform_distinct(n: int, per_shard: int, batch: int) -> float:
+    """Expected distinct shards in a batch drawn uniformly without replacement from n samples in
+    shards of `per_shard` (the last one may be short: counted as full, a small overestimate)."""
+    from math import comb
+
+    shards = -(-n // per_shard)
+    return shards * (1 - comb(n - per_shard, batch) / comb(n, batch))
+
+
+def distinct_per_batch(orders: list[np.ndarray], per_shard: int, batch: int) -> float:
+    full = [o for o in orders if len(o) == batch]
+    return float(np.mean([len(np.unique(o // per_shard)) for o in full]))
 
 
 def tensorstore_rate(cache: Path, names: list[str], threads: int) -> tuple[int, float]:
@@ -167,18 +234,23 @@ def zarr_python_rate(cache: Path, names: list[str], batch: int) -> tuple[int, fl
         return n, time.perf_counter() - t0
 
 
-def bench_loader(cache: Path, batch: int, passes: int) -> dict:
-    """Per layer: every reader's rate and the ratios the issue asks for."""
+def bench_loader(cache: Path, batch: int, passes: int, work: Path | None = None) -> dict:
+    """Per layer: every reader's rate, the shuffles' quality and the ratios the issue asks for."""
     cores = os.cpu_count() or 1
     out = {}
     with open_cache(cache) as store:
         meta = store.meta
     for layer in [l for l in LAYERS if l in meta.layers]:
         names = [S.feature_path(layer), S.IMAGES]
+        npy = (work or cache.parent) / f"npy_{layer}"
+        n = write_npy_samples(cache, layer, npy)
+        orders = {"global": [], "window": [], "npy": []}
         readers = {"limit": lambda: codec_limit(cache, names, batch, cores),
                    "one": lambda: loader_rate(cache, layer, batch, 1),
-                   "all": lambda: loader_rate(cache, layer, batch, cores),
+                   "all": lambda: loader_rate(cache, layer, batch, cores, order=orders["global"]),
+                   "window": lambda: loader_rate(cache, layer, batch, cores, mode="window", order=orders["window"]),
                    "ram": lambda: loader_rate(cache, layer, batch, cores, in_memory=True),
+                   "npy": lambda: npy_rate(npy, n, batch, order=orders["npy"]),
                    "previous": lambda: zarr_python_rate(cache, names, batch)}
         if importlib.util.find_spec("tensorstore") is not None:
             readers["tensorstore"] = lambda: tensorstore_rate(cache, names, cores)
@@ -186,19 +258,30 @@ def bench_loader(cache: Path, batch: int, passes: int) -> dict:
         limit, one, alls, ram, previous = (best[k] for k in ("limit", "one", "all", "ram", "previous"))
         ts_rate = best.get("tensorstore")
         mb = bytes_per_sample(meta, (layer,)) / 1e6
+        uniform = uniform_distinct(n, meta.shard_size, batch)
+        shuffle = {k: distinct_per_batch(v, meta.shard_size, batch) / uniform for k, v in orders.items()}
         out[layer] = {"codec_limit": limit, "loader_1_thread": one, "loader_all_cores": alls, "loader_in_memory": ram,
+                      "loader_windowed": best["window"], "npy_dataloader": best["npy"],
                       "tensorstore": ts_rate, "zarr_python_4_threads": previous, "cores": cores, "MB_per_sample": mb,
+                      "npy_MB_per_sample": disk_bytes(npy) / n / 1e6, "cache_MB_per_sample": (
+                          disk_bytes(cache / S.FEATURES / layer) + disk_bytes(cache / S.IMAGES)) / meta.n / 1e6,
                       "ratio_to_limit": alls / limit, "scaling": alls / one, "ratio_to_previous": alls / previous,
-                      "in_memory_to_streaming": ram / alls}
-        log.info("loader %s: %.0f samples/s on %d cores (%.2f of the codec's %.0f), %.0f on one (x%.2f), in memory "
-                 "%.0f, tensorstore %s, zarr-python %.0f", layer, alls, cores, alls / limit, limit, one, alls / one,
-                 ram, f"{ts_rate:.0f}" if ts_rate else "-", previous)
+                      "ratio_to_npy": alls / best["npy"], "in_memory_to_streaming": ram / alls,
+                      "uniform_distinct_shards": uniform, "shuffle_to_uniform": shuffle}
+        log.info("loader %s: %.0f samples/s on %d cores, global shuffle (%.2f of the codec's %.0f; %.2fx the .npy "
+                 "DataLoader's %.0f), windowed %.0f, one thread %.0f, in memory %.0f; distinct shards per batch / "
+                 "uniform: global %.2f, window %.2f, npy %.2f", layer, alls, cores, alls / limit, limit,
+                 alls / best["npy"], best["npy"], best["window"], one, ram, shuffle["global"], shuffle["window"],
+                 shuffle["npy"])
     return out
 
 
 def bench_codecs(cache: Path, work: Path, n: int, batch: int, passes: int) -> list[dict]:
-    """Per codec: a cache of layer1 + layer3 (+ images) rewritten with it; loader rate on all
-    cores and bytes on disk per sample, per layer."""
+    """Per codec (the per-chunk crc32c on): a cache of layer1 + layer3 (+ images) written with it the way
+    extraction writes it (whole shards, compressed on every core), its write rate, the loader's rate on
+    all cores and the bytes on disk per sample, per layer."""
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
     cores = os.cpu_count() or 1
     with open_cache(cache) as src:
         meta = src.meta
@@ -206,55 +289,70 @@ def bench_codecs(cache: Path, work: Path, n: int, batch: int, passes: int) -> li
         n = min(n, meta.n)
         arrays = {name: src.read(name, 0, n) for name in [S.IMAGES, *(S.feature_path(l) for l in layers)]}
         ids = src.ids()[:n]
+    raw = sum(a.nbytes for a in arrays.values())
     rows = []
     for codec in TRAINING_CODECS:
         m = S.CacheMeta(**{**meta.to_dict(), "preprocessing": meta.preprocessing, "n": n, "codec": str(Codec.parse(codec)),
                            "layers": {l: meta.layers[l] for l in layers}, "nodes": {l: meta.nodes[l] for l in layers}})
         path = work / f"codec_{codec}.zarr"
-        with create_cache(path, m, ids, np.zeros(n, np.int32), np.zeros(n, np.uint8)) as store:
-            for k in m.shards():
-                lo, hi = m.shard_bounds(k)
-                store.write_shard(k, {name: a[lo:hi] for name, a in arrays.items()}, np.ones(hi - lo, np.uint8), {}, {})
-        row = {"codec": str(Codec.parse(codec)), "layers": {}}
+        seconds = []
+        for _ in range(passes):
+            with create_cache(path, m, ids, np.zeros(n, np.int32), np.zeros(n, np.uint8)) as store, Pool(cores) as pool:
+                store.pool = pool
+                t0 = time.perf_counter()
+                for k in m.shards():
+                    lo, hi = m.shard_bounds(k)
+                    store.write_shard(k, {name: a[lo:hi] for name, a in arrays.items()}, np.ones(hi - lo, np.uint8),
+                                      {}, {})
+                seconds.append(time.perf_counter() - t0)
+        row = {"codec": str(Codec.parse(codec)), "layers": {}, "write_MB_s": raw / min(seconds) / 1e6}
         for layer in layers:
             size = disk_bytes(path / S.FEATURES / layer)
             rate = _best(lambda: loader_rate(path, layer, batch, cores), passes)
             row["layers"][layer] = {"bytes_per_sample": size / n, "loader_samples_s": rate}
         row["images_bytes_per_sample"] = disk_bytes(path / S.IMAGES) / n
         rows.append(row)
-        log.info("codec %s: %s", row["codec"], ", ".join(f"{l} {v['loader_samples_s']:.0f} samples/s, "
-                                                          f"{v['bytes_per_sample'] / 1e6:.3f} MB"
-                                                          for l, v in row["layers"].items()))
+        log.info("codec %s: writes %.0f MB/s of raw data; %s", row["codec"], row["write_MB_s"], ", ".join(
+            f"{l} {v['loader_samples_s']:.0f} samples/s, {v['bytes_per_sample'] / 1e6:.3f} MB"
+            for l, v in row["layers"].items()))
     return rows
 
 
 def markdown(loader: dict, codecs: list[dict]) -> list[str]:
-    lines = ["## 3. Training loader against the codec's own limit\n",
+    lines = ["## 3. Training loader against the codec's own limit and a folder of .npy files\n",
              "Samples/s over the whole cache (each sample: the layer's float16 features and the uint8 image), "
-             "shuffled, batches of the training size, page cache warm, best of several passes. *Codec limit*: the "
-             "same shard files decompressed by numcodecs alone on every core, each chunk straight into a "
-             "batch buffer. *Previous loader*: zarr-python whole-shard reads on four threads plus a copy. Targets: "
-             "loader ≥ 0.8 of the limit, 2 threads ≥ 1.7x one, ≥ 3x the previous loader (layer3), "
-             "in memory not slower than streaming.\n",
-             "| layer | codec limit | loader, all cores | loader, 1 thread | in memory | tensorstore zarr3 "
-             "| previous loader | loader / limit | all cores / 1 thread | loader / previous | in memory / streaming |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "batches of the training size, page cache warm, best of several interleaved passes. *Codec limit*: the "
+             "same shard files decompressed by numcodecs alone on every core, each chunk straight into a batch "
+             "buffer. *Loader*: featrecon's, with the global shuffle (every batch from the whole set, each chunk read "
+             "through its shard's index); *windowed*: batches from 4 shards at a time, each shard read whole. "
+             "*.npy DataLoader*: the same samples as one .npy file per array, a torch DataLoader with 2 workers and "
+             "shuffle=True. *Previous loader*: zarr-python whole-shard reads on four threads plus a copy. *Shuffle*: "
+             "distinct shards per batch over a uniform draw's expectation. Targets: loader ≥ 0.8 of the limit and "
+             "≥ 1.5x the .npy DataLoader, shuffle ≥ 0.8 of uniform.\n",
+             "| layer | codec limit | loader (global) | windowed | 1 thread | in memory | .npy DataLoader | "
+             "tensorstore zarr3 | previous | loader / limit | loader / .npy | shuffle: global / windowed / .npy | "
+             "MB per sample: cache / .npy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for layer, v in loader.items():
         ts_cell = f"{v['tensorstore']:.0f}" if v["tensorstore"] else "-"
+        sh = v["shuffle_to_uniform"]
         lines.append(f"| {layer} | {v['codec_limit']:.0f} | {v['loader_all_cores']:.0f} "
-                     f"({v['loader_all_cores'] * v['MB_per_sample']:.0f} MB/s) | {v['loader_1_thread']:.0f} | "
-                     f"{v['loader_in_memory']:.0f} | {ts_cell} | {v['zarr_python_4_threads']:.0f} | "
-                     f"**{v['ratio_to_limit']:.2f}** | **{v['scaling']:.2f}** | **{v['ratio_to_previous']:.1f}** | "
-                     f"**{v['in_memory_to_streaming']:.2f}** |")
+                     f"({v['loader_all_cores'] * v['MB_per_sample']:.0f} MB/s) | {v['loader_windowed']:.0f} | "
+                     f"{v['loader_1_thread']:.0f} | {v['loader_in_memory']:.0f} | {v['npy_dataloader']:.0f} | "
+                     f"{ts_cell} | {v['zarr_python_4_threads']:.0f} | **{v['ratio_to_limit']:.2f}** | "
+                     f"**{v['ratio_to_npy']:.2f}** | **{sh['global']:.2f}** / {sh['window']:.2f} / {sh['npy']:.2f} | "
+                     f"{v['cache_MB_per_sample']:.3f} / {v['npy_MB_per_sample']:.3f} |")
     if codecs:
         layers = list(codecs[0]["layers"])
-        lines += ["", "### Which codec for training\n",
-                  "The same samples rewritten with each codec: the loader's rate on all cores and the bytes on "
-                  "disk per sample.\n",
-                  "| codec | " + " | ".join(f"{l} samples/s | {l} MB/sample" for l in layers) + " |",
-                  "|---|" + "---:|---:|" * len(layers)]
+        lines += ["", "### Which codec\n",
+                  "The same samples written with each codec (whole shards, the per-chunk crc32c on, compressed on "
+                  "every core as extraction writes them): the write rate in MB/s of raw data, the loader's rate on "
+                  "all cores and the bytes on disk per sample.\n",
+                  "| codec | write MB/s | " + " | ".join(f"{l} samples/s | {l} MB/sample" for l in layers)
+                  + " | images MB/sample |",
+                  "|---|---:|" + "---:|---:|" * len(layers) + "---:|"]
         for row in codecs:
-            lines.append(f"| {row['codec']} | " + " | ".join(
+            lines.append(f"| {row['codec']} | {row['write_MB_s']:.0f} | " + " | ".join(
                 f"{row['layers'][l]['loader_samples_s']:.0f} | {row['layers'][l]['bytes_per_sample'] / 1e6:.3f}"
-                for l in layers) + " |")
+                for l in layers) + f" | {row['images_bytes_per_sample'] / 1e6:.3f} |")
     return lines

@@ -25,10 +25,10 @@ from featrecon.cache.factory import open_cache
 from featrecon.cache.loader import CacheLoader
 from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
 from featrecon.extract.images import ImageDataset, collate_images
-from featrecon.train.config import TrainConfig, resolve
+from featrecon.train.config import TrainConfig, layer_strides, resolve
 from featrecon.train.decoders import Decoder
 from featrecon.train.loop import decoder_config
-from featrecon.train.step import Schedule, Step, device_batches, step_settings
+from featrecon.train.step import Schedule, Step, device_batches, random_crop, step_settings
 
 from ..common import log, sync
 
@@ -48,7 +48,7 @@ def _train_setup(cache: Path, device, batch: int, steps: int):
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, **({"fused": True} if settings.fused_adamw else {}))
         return Step(model, opt, Schedule(cfg.lr, 10 * steps, cfg.warmup), cfg, device, settings)
 
-    return meta, settings, new_step, cfg.arch
+    return meta, settings, new_step, cfg
 
 
 def _timed(step: Step, feed, steps: int, device, warmup: int = 1) -> dict:
@@ -77,13 +77,20 @@ def _forever(make_epoch):
 
 def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, steps: int, rounds: int) -> dict:
     batch = args.train_batch
-    meta, settings, new_step, arch = _train_setup(cache, device, batch, steps)
+    meta, settings, new_step, cfg = _train_setup(cache, device, batch, steps)
+    arch, strides = cfg.arch, layer_strides(meta, cfg.layers)
     loader = CacheLoader(cache, ("layer3",), np.arange(meta.n), batch, shuffle=True, in_memory=False,
-                         pin_memory=device.type == "cuda", reuse_buffers=True)
-    cache_feed = ((f, t) for _, f, t in device_batches(_forever(loader.epoch), device, settings.channels_last))
+                         pin_memory=device.type == "cuda", reuse_buffers=True, mode="auto")
+    window = None
+    if cfg.crop:  # train-decoder's windows (--crop auto), one per step as train_one_epoch cuts them
+        def window(i, feats, images):
+            return random_crop(feats, images, cfg.crop, strides, np.random.default_rng([0, i]))
+    cache_feed = ((f, t) for _, f, t in device_batches(_forever(loader.epoch), device, settings.channels_last, window))
     fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
-    fixed = ([torch.randn(batch, *meta.layers["layer3"], device=device).contiguous(memory_format=fmt)],
-             torch.rand(batch, *meta.image_shape, device=device))
+    side = cfg.crop or meta.image_shape[1]
+    cells = side // strides[0]
+    fixed = ([torch.randn(batch, meta.layers["layer3"][0], cells, cells, device=device).contiguous(memory_format=fmt)],
+             torch.rand(batch, 3, side, side, device=device))
     limit_feed = iter(lambda: fixed, None)
     per_round = []
     for r in range(rounds):  # alternating, limit first in even rounds and last in odd ones, so drift cancels
@@ -110,16 +117,18 @@ def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, 
                                      pin_memory=device.type == "cuda")
 
     def jpeg_epoch(_):
-        for _, imgs, _ in dl:
+        for i, (_, imgs, _) in enumerate(dl):
             imgs = imgs.to(device, non_blocking=True)
             with torch.no_grad():
-                feats = fx(imgs)["layer3"].float().contiguous(memory_format=fmt)
-            yield [feats], imgs.float() / 255
+                feats = [fx(imgs)["layer3"].float().contiguous(memory_format=fmt)]
+            target = imgs.float() / 255
+            yield window(i, feats, target) if window else (feats, target)
 
     jpeg = _timed(new_step(), _forever(jpeg_epoch), steps, device)
     res = {"limit": median["limit"], "from_cache": median["cache"], "from_images": jpeg, "rounds": per_round,
            "ratio_to_limit": median_ratio, "speedup": median["cache"]["samples_s"] / jpeg["samples_s"],
-           "settings": {k: bool(v) for k, v in vars(settings).items()}, "batch": batch, "steps": steps, "arch": arch}
+           "settings": {k: bool(v) for k, v in vars(settings).items()}, "batch": batch, "steps": steps, "arch": arch,
+           "crop": cfg.crop, "width": cfg.width, "shuffle": loader.describe()}
     log.info("training: cache %.2f of the compute limit (median of %d rounds), %.1fx JPEG + backbone (%.1f samples/s)",
              median_ratio, rounds, res["speedup"], jpeg["samples_s"])
     return res
@@ -128,8 +137,9 @@ def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, 
 def markdown(t: dict) -> list[str]:
     s = ", ".join(k for k, v in t["settings"].items() if v) or "fp32, eager"
     return ["## 4. layer3 decoder training: fed by the cache, by random tensors on the device, by JPEGs\n",
-            f"train-decoder's own step ({s}), its default decoder (`{t.get('arch', 'upconv')}`) for layer3, batch "
-            f"{t['batch']}, {t['steps']} steps after one "
+            f"train-decoder's own step ({s}), its default decoder (`{t.get('arch', 'upconv')}`, width "
+            f"{t.get('width', '?')}) for layer3 on its default windows ({t.get('crop') or 'whole images'} px), batch "
+            f"{t['batch']}, the loader's {t.get('shuffle', 'windowed shuffle')}, {t['steps']} steps after one "
             f"warm-up step per run; the limit and the cache-fed loop alternate over {len(t['rounds'])} rounds (A-B, "
             "then B-A) and the median round is shown. Targets: cache ≥ 0.95 of the limit on a CPU; on a GPU ≥ 3x JPEG + "
             "backbone with data wait < 5%. On a shared 2-core machine a round's ratio moves by ±10-15% whatever "
