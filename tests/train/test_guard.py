@@ -47,9 +47,9 @@ def spike_at(monkeypatch, calls_to_spike: set[int]):
     """compute_loss, with the loss of the given calls multiplied by 1e6 (as a blown-up step gives)."""
     real, calls = step_module.compute_loss, {"n": 0}
 
-    def spiking(pred, target, cfg):
+    def spiking(pred, target, cfg, *rest):
         calls["n"] += 1
-        loss = real(pred, target, cfg)
+        loss = real(pred, target, cfg, *rest)
         return loss * 1e6 if calls["n"] in calls_to_spike else loss
 
     monkeypatch.setattr(step_module, "compute_loss", spiking)

@@ -107,9 +107,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(zarr_cache, tmp_path, mon
     real = step_module.compute_loss
     calls = {"n": 0}
 
-    def poisoned(pred, target, cfg):
+    def poisoned(pred, target, cfg, *rest):
         calls["n"] += 1
-        loss = real(pred, target, cfg)
+        loss = real(pred, target, cfg, *rest)
         return loss * float("nan") if calls["n"] > 5 else loss  # epoch 1 has 5 steps
 
     monkeypatch.setattr(step_module, "compute_loss", poisoned)
