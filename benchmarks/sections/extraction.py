@@ -15,7 +15,7 @@ from torch import nn
 
 from featrecon.cache import schema as S
 from featrecon.cache.factory import open_cache
-from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.backbone import FeatureExtractor, load_backbone, preprocessing_for, resolve_layers
 from featrecon.extract.forward import CompiledForward, to_storage
 from featrecon.extract.images import load_image
 
@@ -52,7 +52,7 @@ class BareForwards:
     between `featrecon` and extraction is what decoding and writing cost."""
 
     def __init__(self, layers: str, args, device):
-        model, weights = load_resnet50(args.weights)
+        model, weights = load_backbone("resnet50", args.weights)
         pre = preprocessing_for(weights, args.size)
         fx = FeatureExtractor(model, resolve_layers(layers, model), pre, autocast=args.autocast).to(device)
         self.stock_model = stock_forward(model, layers).to(device, memory_format=torch.channels_last)
@@ -128,7 +128,7 @@ def bench_extraction(args, files_root: Path, ids: list[str], work: Path, device)
     same forward varies by 10-15% from minute to minute. Extraction rates leave out the first
     batch, as the forwards leave out theirs. Also each stage alone (decoding, compression),
     which bounds extraction from above."""
-    pre = preprocessing_for(load_resnet50(args.weights)[1], args.size)
+    pre = preprocessing_for(load_backbone("resnet50", args.weights)[1], args.size)
     images = torch.stack([torch.from_numpy(load_image(files_root / i, pre)) for i in ids])
     decode = decode_limit(files_root, ids, pre, args.batch_size, args.workers, device)
     log.info("decoding alone (%d workers): %.1f img/s", args.workers, decode)
