@@ -71,10 +71,12 @@ class BareForwards:
                 "featrecon": _forward_rate(self.own, images, self.batch, self.device)}
 
 
-def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path, device) -> dict:
+def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path, device,
+                         model: str = "resnet50") -> dict:
     """`extract-features` as users run it, in its own process; returns its --stats."""
     stats = out.with_suffix(".stats.json")
     cmd = [sys.executable, "-m", "featrecon", "extract-features", "--images", str(files_root), "--limit", str(n),
+           "--model", model, "--views", "0", *(["--codec", args.codec] if getattr(args, "codec", None) else []),
            "--layers", layers, "--out", str(out), "--weights", args.weights, "--size", str(args.size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", str(device),
            "--autocast", args.autocast, "--compile", args.compile, "--overwrite", "--no-progress", "--stats", str(stats)]

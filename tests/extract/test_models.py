@@ -88,3 +88,55 @@ def test_unknown_models_weights_and_sizes_are_one_line(photo_dir, tmp_path):
         extract(ExtractConfig(model="vit_b_16", **{**cfg, "size": 72}))
     with pytest.raises(FeatreconError, match="unknown layer 'layer3'.*stem, stage1"):
         extract(ExtractConfig(model="convnext_tiny", layers="layer3", **cfg))
+
+
+@pytest.mark.slow
+def test_two_backbones_side_by_side_in_one_report(photos24, tmp_path):
+    from featrecon.cli import score_main
+
+    runs = tmp_path / "runs"
+    for name in ("resnet18", "convnext_tiny"):
+        cache = tmp_path / f"{name}.zarr"
+        extract(ExtractConfig(out=cache, images=photos24, model=name, weights="random:0", size=SIZE, workers=0,
+                              batch_size=8, shard_size=8, views=0, progress=False, holdout_fraction=0.25))
+        with open_cache(cache) as store:
+            layers = list(store.meta.layers)
+        for layer in (layers[1], layers[-1]):
+            fit(TrainConfig(cache=cache, layers=(layer,), out=runs / f"{name}-{layer}", epochs=1, batch_size=4,
+                            width=16, progress=False, eval_samples=2))
+    assert score_main(["--cache", str(tmp_path / "resnet18.zarr"), "--cache", str(tmp_path / "convnext_tiny.zarr"),
+                       "--runs", str(runs), "--out", str(tmp_path / "rep"), "--lpips", "none", "--no-progress"]) == 0
+    import json
+
+    rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert [c["model"] for c in rep["caches"]] == ["resnet18", "convnext_tiny"]
+    assert [(r["model"], r["layers"]) for r in rep["runs"]] == [("resnet18", "layer1"), ("resnet18", "layer4"),
+                                                                ("convnext_tiny", "stage1"), ("convnext_tiny", "stage4")]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| model | run |" in md and md.count("mean train image") >= 2
+    for name in ("grid.png", "metrics_by_layer.png"):
+        assert (tmp_path / "rep" / name).is_file()
+
+
+def test_a_schema_3_cache_of_a_resnet50_still_reads_and_resumes(tmp_path, photo_dir):
+    import json as js
+
+    from tests.helpers import build_cache
+
+    cache = build_cache(tmp_path / "c.zarr", photo_dir, layers="layer1")
+    whole = {n: open_cache(cache).read_all(n) for n in (S.IMAGES, S.feature_path("layer1"))}
+    root = cache / "zarr.json"
+    doc = js.loads(root.read_text())
+    meta = doc["attributes"][S.META_ATTR]
+    for key in ("strides", "layouts", "backbone"):
+        meta.pop(key)  # as featrecon 0.2 wrote it
+    meta["schema_version"] = 3
+    root.write_text(js.dumps(doc))
+    with open_cache(cache, "r+") as store:
+        assert store.meta.backbone == "resnet50" and store.meta.stride("layer1") == 4
+        store.mark_pending(0, 4)
+    build_cache(cache, photo_dir, layers="layer1")  # resumed, not refused for the schema version
+    with open_cache(cache) as store:
+        assert store.meta.schema_version == 3 and (store.status() == S.STATUS_DONE).all()
+        for name, values in whole.items():
+            np.testing.assert_array_equal(store.read_all(name), values)
