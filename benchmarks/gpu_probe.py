@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sections.extraction import decode_limit, stock_forward
-from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.backbone import FeatureExtractor, load_backbone, preprocessing_for, resolve_layers
 from featrecon.extract.images import discover_images
 
 
@@ -43,7 +43,7 @@ def main():
     dev = torch.device("cuda")
     root = a.images.resolve()
     ids = discover_images(root, limit=a.n)
-    model, w = load_resnet50("random:0")
+    model, w = load_backbone("resnet50", "random:0")
     pre = preprocessing_for(w, 224)
     res = {"gpu": torch.cuda.get_device_name(), "cores": os.cpu_count(), "torch": torch.__version__,
            "cudnn_tf32": torch.backends.cudnn.allow_tf32}

@@ -36,9 +36,9 @@ from featrecon.extract.images import discover_images
 from featrecon.extract.run import extract, with_device_defaults
 
 from .common import drop_page_cache, machine
-from .sections import extraction, loader, storage, training
+from .sections import extraction, loader, models, storage, training
 
-SECTIONS = ("extraction", "storage", "loader", "training")
+SECTIONS = ("extraction", "storage", "loader", "training", "models")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="default: extract-features' own")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--weights", default="random:0")
+    p.add_argument("--codec", help="extract-features --codec for section 1 (default: its own)")
     p.add_argument("--compile", choices=["yes", "no"], help="extract-features --compile (default yes, what a "
                    "run of 3000 images or more does on a CPU; no with --quick)")
     p.add_argument("--rounds", type=int, help="extraction runs per layer set, each between two bare forwards, "
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "training" in args.sections:
             result["training"] = training.bench_training(cache, root, ids, args, device, steps, args.rounds)
             result["training_run"] = stamp
+        if "models" in args.sections:
+            result["models"] = models.bench_models(args, root, ids[: 16 if args.quick else 96], work, device)
+            result["models_run"] = stamp
     finally:
         shutil.rmtree(work, ignore_errors=True)
     saved.write_text(json.dumps(result, indent=2) + "\n")
@@ -164,7 +168,8 @@ def markdown(r: dict) -> str:
     parts = [("extraction", lambda: extraction.markdown({**r["extraction_run"], "extraction": r["extraction"]})),
              ("storage", lambda: storage.markdown(r["storage"], r.get("checksum"))),
              ("loader", lambda: loader.markdown(r["loader"], r.get("codecs", []))),
-             ("training", lambda: training.markdown(r["training"]))]
+             ("training", lambda: training.markdown(r["training"])),
+             ("models", lambda: models.markdown(r["models"]))]
     for name, render in parts:
         if name in r:
             lines += [*render(), "", _provenance(r[f"{name}_run"], name), ""]
@@ -184,6 +189,8 @@ def plot(r: dict, path: Path) -> None:
                  (f"loader {layer}: all cores / 1 thread, per core", v["scaling"] / v["cores"], 0.85)]
     if "training" in r:
         bars.append(("training: cache / compute limit", r["training"]["ratio_to_limit"], 0.95))
+    for row in r.get("models", []):
+        bars.append((f"extract {row['model']} / its stock forward", row["ratio"], 0.9))
     if not bars:
         return
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))

@@ -80,7 +80,11 @@ def _extract(args: argparse.Namespace) -> None:
     from .extract.run import extract
     from .train.checkpoint import write_json
 
-    result = extract(from_arguments(ExtractConfig, args))
+    cfg = from_arguments(ExtractConfig, args)
+    if cfg.layers == "list":
+        print(model_layers(cfg.model, every_node=True))
+        return
+    result = extract(cfg)
     if args.stats and len(result.ranks) > 1:  # under torchrun: one record per rank, written by rank 0
         write_json(result.ranks, args.stats)
     elif args.stats and result.stats.get("rank", 0) == 0:
@@ -138,6 +142,42 @@ def score_main(argv: list[str] | None = None) -> int:
     return _run("score", _score, score_parser().parse_args(argv))
 
 
+# ----------------------------------------------------------------------------- models
+
+
+def model_layers(name: str, every_node: bool = False) -> str:
+    """A model's standard layers (what --layers all extracts), and with `every_node` its graph's nodes."""
+    import torch
+
+    from .extract.backbone import graph_nodes, standard_layers
+    from .extract.models import build
+
+    with torch.device("meta"):
+        model = build(name, 224)
+    layers = ", ".join(f"{k} ({v})" if k != v else k for k, v in standard_layers(name, model).items())
+    text = f"{name}: {layers}"
+    if every_node:
+        nodes = graph_nodes(model)
+        text += f"\n{len(nodes)} torchvision nodes, any of which --layers takes:\n" + "\n".join(f"  {n}" for n in nodes)
+    return text
+
+
+def _models(args: argparse.Namespace) -> None:
+    from .extract.models import FAMILIES
+
+    for family in FAMILIES:
+        print(f"{family.name}:")
+        for name in family.models:
+            print("  " + model_layers(name))
+
+
+def models_main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="featrecon models", description="The torchvision classifiers extract-features --model takes, "
+                "and the layers --layers all extracts from each (names, then their torchvision nodes)")
+    _logging_options(p)
+    return _run("featrecon models", _models, p.parse_args(argv))
+
+
 # ----------------------------------------------------------------------------- verify
 
 
@@ -174,7 +214,7 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"extract-features": extract_main, "train-decoder": train_main, "score": score_main,
-            "verify": verify_main}
+            "verify": verify_main, "models": models_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,25 +71,38 @@ def _summary(row: dict, key: str):
     return s if s and s.get("mean") is not None else None
 
 
-def plot_metrics_by_layer(rows: list[dict], baseline: dict, path: Path) -> None:
-    """One panel per metric: each run's mean (95% CI bars), shallow to deep, with the mean-image floor."""
+def plot_metrics_by_layer(rows: list[dict], baselines: list[dict] | dict, path: Path,
+                          depth: dict[str, float] | None = None) -> None:
+    """One panel per metric: each run's mean (95% CI bars), shallow to deep, with the mean-image floor.
+    With runs of several backbones (their rows' "model"), one line per backbone over the relative depth
+    `depth` ({run: 0..1}) of each run's layer."""
+    baselines = [baselines] if isinstance(baselines, dict) else baselines
     panels = [(k, label) for k, label in PANELS if any(_summary(r, k) for r in rows)]
+    models = list(dict.fromkeys(r.get("model", "") for r in rows))
+    several = len(models) > 1
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4, 1.2 * len(rows) + 2) * 0.8 * len(panels), 3.4),
-                             squeeze=False)
-    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(4, 1.2 * len(rows) / len(models) + 2) * 0.8
+                                                               * max(1, len(panels)), 3.4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        found = [_summary(r, key) for r in rows]
-        means = [np.nan if s is None else s["mean"] for s in found]
-        err = [0 if s is None or s["ci95"] is None or not math.isfinite(s["ci95"][1]) else
-               (s["ci95"][1] - s["ci95"][0]) / 2 for s in found]
-        ax.errorbar(x, means, yerr=err, marker="o", capsize=4, label="decoder")
-        floor = _summary(baseline, key) if key != "cosine@decoded" else None
-        if floor is not None:
-            ax.axhline(floor["mean"], color="gray", ls="--", label="mean train image")
-        ax.set_xticks(x, [r["layers"] for r in rows], rotation=20)
+        for model in models:
+            mine = [r for r in rows if r.get("model", "") == model]
+            x = [depth[r["run"]] for r in mine] if several and depth else np.arange(len(mine))
+            found = [_summary(r, key) for r in mine]
+            means = [np.nan if s is None else s["mean"] for s in found]
+            err = [0 if s is None or s["ci95"] is None or not math.isfinite(s["ci95"][1]) else
+                   (s["ci95"][1] - s["ci95"][0]) / 2 for s in found]
+            ax.errorbar(x, means, yerr=err, marker="o", capsize=4, label=model if several else "decoder")
+            if not several:
+                ax.set_xticks(x, [r["layers"] for r in mine], rotation=20)
+            for b in baselines:
+                floor = _summary(b, key) if key != "cosine@decoded" and b.get("model", "") == model else None
+                if floor is not None:
+                    ax.axhline(floor["mean"], color="gray", ls="--", lw=0.8,
+                               label=f"mean train image{f' ({model})' if several else ''}")
+        if several:
+            ax.set_xlabel("relative depth of the decoded layer (0: first, 1: last)")
         ax.set(ylabel=label)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle("reconstruction quality by depth", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -104,9 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(m["negate"], dest=f.name, action="store_false", help=m["help"])
         elif isinstance(default, bool):
             parser.add_argument(flag_of(f), dest=f.name, action="store_true", help=m["help"])
-        elif m["repeat"]:
+        elif m["repeat"]:  # the config's default applies when the flag is not given (argparse would append to it)
             parser.add_argument(flag_of(f), dest=f.name, action="append", type=converter(f), metavar=m["metavar"],
-                                help=m["help"] + " (repeatable)")
+                                default=None, help=m["help"] + " (repeatable)")
         else:
             required = default is MISSING
             parser.add_argument(flag_of(f), dest=f.name, type=converter(f), choices=m["choices"],
@@ -119,7 +119,9 @@ def from_arguments(cls, args: argparse.Namespace, **given):
     values = {}
     for f in command_line_fields(cls):
         value = getattr(args, f.name)
-        values[f.name] = tuple(value or ()) if f.metadata["repeat"] else value
+        if f.metadata["repeat"]:
+            value = default_of(f) if value is None else tuple(value)
+        values[f.name] = value
     return cls(**{**values, **given})
 
 
@@ -133,6 +135,8 @@ def from_python(cls, settings: dict):
     values = {}
     for name, value in settings.items():
         parse = known[name].metadata.get("parse")
+        if known[name].metadata.get("repeat") and isinstance(value, (str, os.PathLike)):
+            value = (value,)  # one value where several may be given
         if parse in _PARSERS and value is not None:
             value = tuple(_PARSERS[parse](v) for v in value) if known[name].metadata["repeat"] else _PARSERS[parse](value)
         values[name] = value

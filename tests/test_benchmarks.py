@@ -21,5 +21,12 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path, photo_dir):
         assert saved["loader"][layer]["codec_limit"] > 0 and saved["loader"][layer]["loader_1_thread"] > 0
     codecs = {"zstd:3", "zstd:1", "zstd:-1", "zstd:-3", "zstd:-7", "lz4:5", "none"}
     assert {row["codec"] for row in saved["codecs"]} == codecs
+    assert all(row["write_MB_s"] > 0 for row in saved["codecs"])
+    for layer in ("layer1", "layer3"):
+        v = saved["loader"][layer]
+        assert v["npy_dataloader"] > 0 and v["ratio_to_npy"] > 0
+        assert set(v["shuffle_to_uniform"]) == {"global", "window", "npy"}
+    assert [row["model"] for row in saved["models"]] == ["resnet18", "vit_b_16"]
+    assert all(r["ratio"] > 0 for r in saved["models"])
     assert saved["training"]["speedup"] > 0 and saved["training"]["ratio_to_limit"] > 0
-    assert (tmp_path / "res" / "latest.png").is_file() and "## 4." in (tmp_path / "res" / "latest.md").read_text()
+    assert (tmp_path / "res" / "latest.png").is_file() and "## 5." in (tmp_path / "res" / "latest.md").read_text()

@@ -17,7 +17,7 @@ def no_slow_work(monkeypatch):
     def touched(*a, **k):
         raise AssertionError("slow work started before the arguments were checked")
 
-    for module, name in ((X, "load_resnet50"), (X, "discover_images"), (X, "open_or_create"),
+    for module, name in ((X, "load_backbone"), (X, "discover_images"), (X, "open_or_create"),
                          (T, "CacheLoader"), (T, "Decoder"), (E, "find_checkpoints"), (E, "open_cache")):
         monkeypatch.setattr(module, name, touched)
 

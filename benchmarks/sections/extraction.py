@@ -15,7 +15,7 @@ from torch import nn
 
 from featrecon.cache import schema as S
 from featrecon.cache.factory import open_cache
-from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.backbone import FeatureExtractor, load_backbone, preprocessing_for, resolve_layers
 from featrecon.extract.forward import CompiledForward, to_storage
 from featrecon.extract.images import load_image
 
@@ -52,7 +52,7 @@ class BareForwards:
     between `featrecon` and extraction is what decoding and writing cost."""
 
     def __init__(self, layers: str, args, device):
-        model, weights = load_resnet50(args.weights)
+        model, weights = load_backbone("resnet50", args.weights)
         pre = preprocessing_for(weights, args.size)
         fx = FeatureExtractor(model, resolve_layers(layers, model), pre, autocast=args.autocast).to(device)
         self.stock_model = stock_forward(model, layers).to(device, memory_format=torch.channels_last)
@@ -71,10 +71,12 @@ class BareForwards:
                 "featrecon": _forward_rate(self.own, images, self.batch, self.device)}
 
 
-def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path, device) -> dict:
+def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path, device,
+                         model: str = "resnet50") -> dict:
     """`extract-features` as users run it, in its own process; returns its --stats."""
     stats = out.with_suffix(".stats.json")
     cmd = [sys.executable, "-m", "featrecon", "extract-features", "--images", str(files_root), "--limit", str(n),
+           "--model", model, "--views", "0", *(["--codec", args.codec] if getattr(args, "codec", None) else []),
            "--layers", layers, "--out", str(out), "--weights", args.weights, "--size", str(args.size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", str(device),
            "--autocast", args.autocast, "--compile", args.compile, "--overwrite", "--no-progress", "--stats", str(stats)]
@@ -128,7 +130,7 @@ def bench_extraction(args, files_root: Path, ids: list[str], work: Path, device)
     same forward varies by 10-15% from minute to minute. Extraction rates leave out the first
     batch, as the forwards leave out theirs. Also each stage alone (decoding, compression),
     which bounds extraction from above."""
-    pre = preprocessing_for(load_resnet50(args.weights)[1], args.size)
+    pre = preprocessing_for(load_backbone("resnet50", args.weights)[1], args.size)
     images = torch.stack([torch.from_numpy(load_image(files_root / i, pre)) for i in ids])
     decode = decode_limit(files_root, ids, pre, args.batch_size, args.workers, device)
     log.info("decoding alone (%d workers): %.1f img/s", args.workers, decode)

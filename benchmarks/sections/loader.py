@@ -181,11 +181,12 @@ def uniform_distinct(n: int, per_shard: int, batch: int) -> float:
     from math import comb
 
     shards = -(-n // per_shard)
-    return shards * (1 - comb(n - per_shard, batch) / comb(n, batch))
+    batch = min(batch, n)
+    return shards * (1 - comb(max(0, n - per_shard), batch) / comb(n, batch))
 
 
 def distinct_per_batch(orders: list[np.ndarray], per_shard: int, batch: int) -> float:
-    full = [o for o in orders if len(o) == batch]
+    full = [o for o in orders if len(o) == batch] or orders  # a set smaller than a batch: its one batch
     return float(np.mean([len(np.unique(o // per_shard)) for o in full]))
 
 

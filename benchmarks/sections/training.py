@@ -23,7 +23,7 @@ import torch
 
 from featrecon.cache.factory import open_cache
 from featrecon.cache.loader import CacheLoader
-from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.backbone import FeatureExtractor, load_backbone, preprocessing_for, resolve_layers
 from featrecon.extract.images import ImageDataset, collate_images
 from featrecon.train.config import TrainConfig, layer_strides, resolve
 from featrecon.train.decoders import Decoder
@@ -109,7 +109,7 @@ def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, 
     median = ranked[len(ranked) // 2]  # the round shown; with an even count, the ratio is the middle two's mean
     median_ratio = statistics.median(x["ratio"] for x in per_round)
 
-    model, weights = load_resnet50(args.weights)
+    model, weights = load_backbone("resnet50", args.weights)
     pre = preprocessing_for(weights, args.size)
     fx = FeatureExtractor(model, resolve_layers("layer3", model), pre, autocast=args.autocast).to(device)
     dl = torch.utils.data.DataLoader(ImageDataset(files_root, ids, list(range(len(ids))), pre), batch_size=batch,

@@ -16,9 +16,10 @@ import numpy as np
 from ..errors import FeatreconError
 
 FORMATS = ("zarr", "hdf5")
-SCHEMA_VERSION = 3
-# 1: ids as variable-length strings, no per-chunk checksums; 2: no views (every sample a centre crop)
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+# 1: ids as variable-length strings, no per-chunk checksums; 2: no views (every sample a centre crop);
+# 3: no strides or layouts (every cache a ResNet-50's, every layer an NCHW map)
+READABLE_VERSIONS = (1, 2, 3, 4)
 FORMAT_NAME = "featrecon-cache"
 
 # Array names (paths inside the Zarr group or HDF5 file).
@@ -141,7 +142,9 @@ class CacheMeta:
     holdout_fraction: float  # split rule: sha1(id) as a fraction of 2**32 < this -> holdout
     ids_sha256: str  # hash of the sorted id list: a rerun must see the same files
     shard_size: int = DEFAULT_SHARD_SIZE
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"  # torchvision's name of the model (resnet50 before schema 4)
+    strides: dict = field(default_factory=dict)  # layer -> image pixels per cell (from schema 4; else from the shapes)
+    layouts: dict = field(default_factory=dict)  # layer -> how it was turned into a (C, H, W) grid, where it had to be
     label_source: str = "none"
     views: int = 0  # extra views per source image (samples = images * (views + 1)); 0 before schema 3
     tool_version: str = ""
@@ -189,6 +192,7 @@ class CacheMeta:
             meta = cls(**{**d, "preprocessing": pre})
             ok = (isinstance(meta.n, int) and meta.n >= 0 and isinstance(meta.shard_size, int) and meta.shard_size >= 1
                   and isinstance(meta.layers, dict) and isinstance(meta.nodes, dict) and meta.dtype in FEATURE_DTYPES
+                  and isinstance(meta.strides, dict) and isinstance(meta.layouts, dict) and isinstance(meta.backbone, str)
                   and all(isinstance(s, list) and len(s) == 3 and all(isinstance(v, int) and v > 0 for v in s)
                           for s in meta.layers.values()))
         except (KeyError, TypeError, ValueError) as e:
@@ -201,10 +205,22 @@ class CacheMeta:
     def identity(self) -> dict:
         """The fields a resumed run must agree on; anything else may differ."""
         keys = ("n", "layers", "nodes", "weights_fingerprint", "dtype", "codec", "autocast",
-                "holdout_fraction", "ids_sha256", "shard_size", "schema_version", "views")
+                "holdout_fraction", "ids_sha256", "shard_size", "schema_version", "views", "backbone", "layouts")
         d = {k: getattr(self, k) for k in keys}
         d["preprocessing"] = asdict(self.preprocessing)
         return json.loads(json.dumps(d))  # tuples -> lists, so stored and fresh compare equal
+
+    def resumable_by(self, new: CacheMeta) -> list[str]:
+        """The identity fields in which this stored cache differs from what a run would write now
+        (none: the run resumes it). A schema-3 cache of a ResNet-50 is what schema 4 writes for it."""
+        old, fresh = self.identity(), new.identity()
+        if self.schema_version == 3 and new.schema_version == 4 and self.backbone == new.backbone == "resnet50":
+            old["schema_version"], old["layouts"] = fresh["schema_version"], fresh["layouts"]
+        return [k for k in fresh if old.get(k) != fresh[k]]
+
+    def stride(self, layer: str) -> int:
+        """Image pixels per feature cell of a layer."""
+        return int(self.strides.get(layer) or self.image_shape[1] // self.layers[layer][1])
 
     def shards(self) -> range:
         return range((self.n + self.shard_size - 1) // self.shard_size)
@@ -233,6 +249,9 @@ def feature_fingerprint(meta: CacheMeta, layers: list[str]) -> str:
         "autocast": meta.autocast,
         "layers": {l: list(meta.layers[l]) for l in layers},
     }
+    if meta.backbone != "resnet50":  # ResNet-50 fingerprints stay those of the caches written before schema 4
+        payload["backbone"] = meta.backbone
+        payload["layouts"] = {l: meta.layouts[l] for l in layers if l in meta.layouts}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -16,8 +16,11 @@ LPIPS_NETS = ("alex", "vgg", "none")
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    cache: Path | str = setting(Path("cache.zarr"), parse=LOCATION, help="the cache to score on (need not be the "
-                                "one trained on): a folder, .h5 file or Zarr URL")
+    cache: tuple[Path | str, ...] = setting(flag="--cache", parse=LOCATION, repeat=True,
+                                            factory=lambda: (Path("cache.zarr"),),
+                                            help="the cache to score on (need not be the one trained on): a folder, .h5 "
+                                            "file or Zarr URL; several (one per backbone, say) put their runs side by "
+                                            "side in one report, each run scored on the cache whose features it decodes")
     runs: Path = setting(Path("runs"), parse=PATH, help="folder searched for run checkpoints (*/last.pt)")
     checkpoints: tuple[Path, ...] = setting(flag="--checkpoint", parse=PATH, repeat=True, factory=tuple,
                                             help="score these checkpoint files instead of searching --runs")
@@ -38,8 +41,15 @@ class ScoreConfig:
                                  "missing (counted in the report) instead of stopping")
     progress: bool = setting(True, negate="--no-progress", help="no progress bar")
 
+    def __post_init__(self):
+        if isinstance(self.cache, (str, Path)):  # one cache, as the Python API is usually given it
+            object.__setattr__(self, "cache", (self.cache,))
+        object.__setattr__(self, "cache", tuple(self.cache))
+
     def validate(self) -> None:
         """One clear error for the first bad setting, before any checkpoint or cache is read."""
+        if not self.cache:
+            raise FeatreconError("--cache: give at least one cache to score on")
         for flag, value, choices in (("--split", self.split, SPLITS), ("--which", self.which, WHICH),
                                      ("--lpips", self.lpips, LPIPS_NETS)):
             if value not in choices:

@@ -18,6 +18,7 @@ import torch
 from ..cache.schema import CacheMeta
 from ..errors import FeatreconError
 from ..extract.backbone import FeatureExtractor, rebuild_backbone
+from ..extract.models import classifier_node
 
 log = logging.getLogger(__name__)
 LOGITS = "logits"  # the classifier's output, captured beside the cached layers
@@ -35,9 +36,9 @@ class Judge:
             self.why = f"the cache's backbone cannot be rebuilt: {e}"
             log.warning("top-1 and feature fidelity left out: %s", self.why)
             return
-        nodes = {**meta.nodes, LOGITS: "fc"}
+        nodes = {**meta.nodes, LOGITS: classifier_node(model)}
         self.extractor = FeatureExtractor(model, nodes, meta.preprocessing, channels_last=True,
-                                          autocast=meta.autocast).to(self.device)
+                                          autocast=meta.autocast, model_name=meta.backbone).to(self.device)
 
     @property
     def available(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -210,46 +211,90 @@ class Measures:
         return out
 
 
+@dataclass
+class CacheResult:
+    """What one cache's share of a report holds: its runs' rows, the floor, the originals' check."""
+
+    store: CacheStore
+    idx: np.ndarray  # the samples scored (damaged ones left out)
+    rows: list[dict]
+    baseline: dict
+    originals: dict
+    recon: dict  # run -> {index: (3, H, W) uint8}
+    corrupt: list[int]
+    left_out: dict[str, str]
+
+
 def score(cfg: ScoreConfig) -> dict:
-    """Score every checkpoint on cfg.split of cfg.cache and write the report."""
+    """Score every checkpoint on cfg.split of its cache (of cfg.cache, the one whose features it
+    decodes) and write one report."""
     cfg.validate()
     device = resolve_device(cfg.device)
     found = find_checkpoints(cfg)
-    store = open_cache(cfg.cache)
+    names = [safe_name(name) for name, _, _ in found]
+    if len(set(names)) < len(names):
+        raise FeatreconError(f"two runs would share a report folder ({', '.join(names)}); score them separately")
+    stores = []
     try:
-        idx = split_indices(store, cfg.split)
-        ckpts = [(name, path, _compatible(ckpt, path, store)) for name, path, ckpt in found]
-        names = [safe_name(name) for name, _, _ in ckpts]
-        if len(set(names)) < len(names):
-            raise FeatreconError(f"two runs would share a report folder ({', '.join(names)}); score them separately")
-        keep = set(idx[: max(0, cfg.save)].tolist())
+        for c in cfg.cache:
+            stores.append(open_cache(c))
+        per_store = assign(found, stores)
         cfg.out.mkdir(parents=True, exist_ok=True)
-        measures = Measures(cfg, store, device)
-        rows, recon, corrupt = [], {}, set()
-        for name, path, ckpt in ckpts:
-            model = decoder_from_checkpoint(ckpt).to(device)
-            decoded = list(ckpt["layers"])
-            loader = CacheLoader(store.path, measures.loader_layers(decoded), idx, cfg.batch_size, shuffle=False,
-                                 in_memory=False, reuse_buffers=True, skip_corrupt=cfg.skip_corrupt)
-            res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}",
-                           measures=measures.all(loader, decoded), inputs=len(decoded))
-            loader.close()
-            corrupt |= loader.corrupt
-            recon[name] = res["kept"]
-            rows.append(_row(name, path, ckpt, res))
-            _save_pairs(store, cfg.out / safe_name(name), res["kept"])
-        base, base_corrupt = score_baseline(store, idx, cfg, measures)
-        corrupt |= base_corrupt
-        scored = idx[~np.isin(idx, list(corrupt))]
-        baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0,
-                    "n": len(base["mse"]), **summaries(base)}
-        root = cfg.images if remote.is_url(cfg.images) else (Path(cfg.images).resolve() if cfg.images else None)
-        originals = check_originals(store, scored, root or Path(store.meta.source_root),
-                                    cfg.progress)
-        report = write_report(cfg, store, rows, baseline, originals, scored, recon, sorted(corrupt), measures.left_out())
+        parts = [score_cache(cfg, store, runs, device) for store, runs in zip(stores, per_store) if runs or len(stores) == 1]
+        report = write_report(cfg, parts)
     finally:
-        store.close()
+        for store in stores:
+            store.close()
     return report
+
+
+def assign(found: list[tuple[str, Path, dict]], stores: list[CacheStore]) -> list[list[tuple[str, Path, dict]]]:
+    """Each run goes to the first cache whose features it decodes; a run no cache fits is refused."""
+    per_store = [[] for _ in stores]
+    for name, path, ckpt in found:
+        for i, store in enumerate(stores):
+            try:
+                _compatible(ckpt, path, store)
+            except FeatreconError as e:
+                why = e
+                continue
+            per_store[i].append((name, path, ckpt))
+            break
+        else:
+            if len(stores) == 1:
+                raise why
+            raise FeatreconError(f"{path}: none of the {len(stores)} caches gives the features it decodes (layers "
+                                 f"{', '.join(ckpt['layers'])}, fingerprint {ckpt['fingerprint']}); add its cache "
+                                 "with --cache")
+    return per_store
+
+
+def score_cache(cfg: ScoreConfig, store: CacheStore, runs: list[tuple[str, Path, dict]], device) -> CacheResult:
+    """The runs that decode this cache's features, and the cache's own floor and originals."""
+    idx = split_indices(store, cfg.split)
+    keep = set(idx[: max(0, cfg.save)].tolist())
+    measures = Measures(cfg, store, device)
+    rows, recon, corrupt = [], {}, set()
+    for name, path, ckpt in runs:
+        model = decoder_from_checkpoint(ckpt).to(device)
+        decoded = list(ckpt["layers"])
+        loader = CacheLoader(store.path, measures.loader_layers(decoded), idx, cfg.batch_size, shuffle=False,
+                             in_memory=False, reuse_buffers=True, skip_corrupt=cfg.skip_corrupt)
+        res = evaluate(model, loader, device, keep=keep, progress=cfg.progress, desc=f"score {name}",
+                       measures=measures.all(loader, decoded), inputs=len(decoded))
+        loader.close()
+        corrupt |= loader.corrupt
+        recon[name] = res["kept"]
+        rows.append({**_row(name, path, ckpt, res), "model": store.meta.backbone, "cache": str(store.path)})
+        _save_pairs(store, cfg.out / safe_name(name), res["kept"])
+    base, base_corrupt = score_baseline(store, idx, cfg, measures)
+    corrupt |= base_corrupt
+    scored = idx[~np.isin(idx, list(corrupt))]
+    baseline = {"run": "mean train image", "layers": "-", "parameters": 0, "epochs": 0, "model": store.meta.backbone,
+                "cache": str(store.path), "n": len(base["mse"]), **summaries(base)}
+    root = cfg.images if remote.is_url(cfg.images) else (Path(cfg.images).resolve() if cfg.images else None)
+    originals = check_originals(store, scored, root or Path(store.meta.source_root), cfg.progress)
+    return CacheResult(store, scored, rows, baseline, originals, recon, sorted(corrupt), measures.left_out())
 
 
 def summaries(values: dict[str, np.ndarray]) -> dict:

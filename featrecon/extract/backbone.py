@@ -1,4 +1,5 @@
-"""The ResNet-50 backbone: weights, preprocessing, fingerprint and layer capture.
+"""The backbone (any torchvision classifier of `models`): weights, preprocessing, fingerprint and
+layer capture.
 
 `FeatureExtractor` is the one object that owns layer capture. It is built with
 torchvision's `create_feature_extractor`, which traces the model and drops every
@@ -8,7 +9,9 @@ than out-of-place (benchmarks/DESIGN.md); but an in-place ReLU applied to a capt
 (say `layer1.0.bn1`, or the `add` before a block's last ReLU) would overwrite it.
 `_protect_captured` gives exactly those ReLU calls a copy to work on and leaves
 every other one in place. `_fold_batchnorm` folds each BatchNorm into its
-convolution, as inference runtimes do.
+convolution, as inference runtimes do. Where a model's graph cannot take these
+rewrites, the extractor falls back to the traced graph as it is, with every in-place
+op turned off, and says so in one line.
 """
 
 from __future__ import annotations
@@ -26,31 +29,51 @@ from torch import nn
 
 from ..cache.schema import Preprocessing
 from ..errors import FeatreconError
-from .config import NAMED_WEIGHTS, check_weights
+from .config import check_weights
+from .models import DEFAULT_MODEL, LAYOUT_NOTES, NCHW, NHWC, TOKENS, build, check_size, family_of
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Friendly names for the usual depths. `stem` is the output of conv1 -> bn1 -> relu
-# (64 x 112 x 112 at 224 px), before the max-pool.
-STANDARD_LAYERS = {"stem": "relu", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
 DOWNLOAD_TIMEOUT_S = 60
 
 
-def preprocessing_for(weights: str, size: int | None = None) -> Preprocessing:
-    """Resize/crop of the chosen weights (torchvision's own recipe), scaled to `size`."""
-    resize, crop = 256, 224
-    if weights in NAMED_WEIGHTS:
-        from torchvision.models import ResNet50_Weights
+def weights_enum(model_name: str):
+    """torchvision's weights enum of a model (IMAGENET1K_V1, ..., DEFAULT)."""
+    import torchvision
 
-        kw = ResNet50_Weights[weights].transforms.keywords
+    return torchvision.models.get_model_weights(model_name)
+
+
+def named_weights(model_name: str, name: str):
+    """The enum member of --weights NAME for this model, or a one-line error listing the model's own."""
+    enum = weights_enum(model_name)
+    try:
+        return enum[name]
+    except KeyError:
+        raise FeatreconError(f"--weights {name!r}: not a known name nor an existing file; {model_name} has "
+                             f"{', '.join([w.name for w in enum] + ['DEFAULT'])}, or give a state-dict path, "
+                             "random[:SEED] or auto") from None
+
+
+def preprocessing_for(weights: str, size: int | None = None, model_name: str = DEFAULT_MODEL) -> Preprocessing:
+    """Resize/crop/interpolation of the chosen weights (torchvision's own recipe), scaled to `size`;
+    256/224 bilinear for random weights and state-dict files."""
+    resize, crop, interpolation = 256, 224, "bilinear"
+    if is_named_weights(weights):
+        kw = named_weights(model_name, weights).transforms.keywords
         resize, crop = kw.get("resize_size", resize), kw.get("crop_size", crop)
+        interpolation = getattr(kw.get("interpolation"), "value", interpolation)
     if size is not None:
         if size < 32:
-            raise FeatreconError(f"--size {size}: too small for ResNet-50 (stride 32); use at least 32")
+            raise FeatreconError(f"--size {size}: too small (the networks' coarsest stride is 32); use at least 32")
         resize, crop = round(size * resize / crop), size
-    return Preprocessing(resize=resize, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Preprocessing(resize=resize, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=interpolation)
+
+
+def is_named_weights(weights: str) -> bool:
+    return weights not in ("auto", "random") and not weights.startswith("random:") and weights.isupper()
 
 
 def download_state_dict(weights, label: str, alternative: str) -> dict:
@@ -82,38 +105,40 @@ def load_state_dict_file(path: Path, flag: str = "--weights") -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_resnet50(weights: str = "auto") -> tuple[nn.Module, str]:
-    """Build a ResNet-50 in eval mode. Returns the model and the weights name to record
-    (what was actually used: `auto` resolves to IMAGENET1K_V2 or random:0)."""
-    from torchvision.models import resnet50
-
+def load_backbone(model_name: str = DEFAULT_MODEL, weights: str = "auto", size: int = 224) -> tuple[nn.Module, str]:
+    """Build a torchvision classifier in eval mode (vision transformers for `size`). Returns the model
+    and the weights name to record (what was actually used: `auto` resolves to the model's DEFAULT
+    weights or, when they cannot be had, random:0)."""
+    family_of(model_name)
     if weights == "auto":
         try:
-            return load_resnet50("IMAGENET1K_V2")
+            return load_backbone(model_name, named_weights(model_name, "DEFAULT").name, size)
         except FeatreconError as e:
             log.warning("%s -- falling back to --weights random:0; the cache records this, "
                         "and its numbers describe a randomly initialised network", e)
-            return load_resnet50("random:0")
+            return load_backbone(model_name, "random:0", size)
     check_weights(weights)
     if weights == "random" or weights.startswith("random:"):
         seed_text = weights.partition(":")[2] or "0"
+        check_size(model_name, size)
         with torch.random.fork_rng():
             torch.manual_seed(int(seed_text))
-            model = resnet50(weights=None)
+            model = build(model_name, size)
         return model.eval(), f"random:{int(seed_text)}"
-    if weights in NAMED_WEIGHTS:
-        from torchvision.models import ResNet50_Weights
-
-        name = ResNet50_Weights[weights].name  # DEFAULT -> IMAGENET1K_V2
-        sd = download_state_dict(ResNet50_Weights[name], f"--weights {name}", "pass --weights PATH (a state dict saved "
+    if is_named_weights(weights):
+        member = named_weights(model_name, weights)
+        name = member.name  # DEFAULT -> its own name
+        sd = download_state_dict(member, f"--weights {name}", "pass --weights PATH (a state dict saved "
                                  "with torch.save(model.state_dict(), PATH)), or --weights random for a seeded random init")
+        size = member.meta.get("min_size", (size,))[0] if family_of(model_name).name == "vit" else size
     else:
         sd, name = load_state_dict_file(Path(weights)), str(Path(weights).resolve())
-    model = resnet50(weights=None)
+    check_size(model_name, size)
+    model = build(model_name, size)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise FeatreconError(f"--weights {weights}: not a torchvision ResNet-50 state dict "
+        raise FeatreconError(f"--weights {weights}: not a torchvision {model_name} state dict "
                              f"({str(e).splitlines()[0]})") from None
     return model.eval(), name
 
@@ -135,13 +160,20 @@ def graph_nodes(model: nn.Module) -> list[str]:
     return get_graph_node_names(model)[1]
 
 
-def resolve_layers(spec: str, model: nn.Module) -> dict[str, str]:
-    """`all`, or a comma list of stem/layer1..layer4/any graph node -> {layer name: node}, shallow to deep."""
+def standard_layers(model_name: str, model: nn.Module) -> dict[str, str]:
+    """What `--layers all` means for this model: its own stages, {name: node}, shallow to deep."""
+    return family_of(model_name).standard_layers(model)
+
+
+def resolve_layers(spec: str, model: nn.Module, model_name: str = DEFAULT_MODEL) -> dict[str, str]:
+    """`all`, or a comma list of the model's standard layer names or any graph node -> {layer name: node},
+    shallow to deep."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise FeatreconError("--layers is empty; use all, or a comma list such as layer1,layer3")
+    standard = standard_layers(model_name, model)
     if names == ["all"]:
-        return dict(STANDARD_LAYERS)
+        return dict(standard)
     nodes = graph_nodes(model)
     # A module name (layer2, layer3.1) stands for its last node, as in torchvision.
     order = {}
@@ -151,29 +183,55 @@ def resolve_layers(spec: str, model: nn.Module) -> dict[str, str]:
             order[".".join(parts[:j])] = i
     out = {}
     for name in names:
-        node = STANDARD_LAYERS.get(name, name)
+        node = standard.get(name, name)
         if node not in order:
             raise FeatreconError(
-                f"--layers: unknown layer {name!r}; use all, {', '.join(STANDARD_LAYERS)}, "
-                f"or a torchvision node name of resnet50 such as {', '.join(nodes[4:9])}, ... ({len(nodes)} in all)")
+                f"--layers: unknown layer {name!r}; use all, {', '.join(standard)}, "
+                f"or a torchvision node name of {model_name} such as {', '.join(nodes[4:9])}, ... ({len(nodes)} in all; "
+                "extract-features --layers list shows them)")
         out[name] = node
     return dict(sorted(out.items(), key=lambda kv: order[kv[1]]))
+
+
+def _traced(model: nn.Module, layers: dict[str, str], inplace: bool = True) -> torch.fx.GraphModule:
+    """torchvision's traced graph of a copy of `model` that returns `layers` ({name: node}) and stops at
+    the deepest; without `inplace`, every module's in-place flag turned off."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = copy.deepcopy(model).eval()  # the traced graph shares modules with its model, and folding swaps some
+    if not inplace:
+        for m in model.modules():
+            if getattr(m, "inplace", False):
+                m.inplace = False
+    return create_feature_extractor(model, return_nodes={node: name for name, node in layers.items()}).eval()
+
+
+def as_grid(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A captured tensor as (B, C, h, w): NCHW as it is, NHWC transposed, a ViT's (B, 1 + h*w, C) tokens
+    without the class token."""
+    if layout == NHWC:
+        return x.permute(0, 3, 1, 2)
+    if layout == TOKENS:
+        b, n, c = x.shape
+        side = int(round((n - 1) ** 0.5))
+        return x[:, 1:].reshape(b, side, side, c).permute(0, 3, 1, 2)
+    return x
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 def _inplace_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
-    """The tensor `node` overwrites, if it is an in-place op (in ResNet-50 only the ReLU modules are)."""
+    """The tensor `node` overwrites, if it is an in-place op: a module with `inplace` set (ReLU, SiLU),
+    an augmented assignment (`x += y`, as MBConv's residual) or a trailing-underscore method."""
+    target = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if node.op == "call_module":
-        if getattr(gm.get_submodule(node.target), "inplace", False) and isinstance(node.args[0], torch.fx.Node):
-            return node.args[0]
-        return None
+        return target if getattr(gm.get_submodule(node.target), "inplace", False) else None
     name = getattr(node.target, "__name__", str(node.target))
     if node.op in ("call_function", "call_method") and (
             node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
             or node.kwargs.get("inplace")):
-        raise FeatreconError(f"layer capture: in-place op {name} in the traced graph is not supported")
+        return target
     return None
 
 
@@ -243,18 +301,24 @@ class FeatureExtractor(nn.Module):
 
     The traced graph ends at the deepest requested node, so asking for layer1 costs
     only the stem and layer1. BatchNorms are folded into their convolutions and
-    ReLUs work in place wherever that cannot change a captured value."""
+    ReLUs work in place wherever that cannot change a captured value. Every layer comes
+    out as a (C, h, w) grid, whatever the model's own layout (see `models`)."""
 
     def __init__(self, model: nn.Module, layers: dict[str, str], pre: Preprocessing,
-                 channels_last: bool = True, autocast: str = "none"):
+                 channels_last: bool = True, autocast: str = "none", model_name: str = DEFAULT_MODEL):
         super().__init__()
-        from torchvision.models.feature_extraction import create_feature_extractor
-
         self.layers = dict(layers)
-        model = copy.deepcopy(model).eval()  # the traced graph shares modules with its model, and folding swaps some
-        self.body = create_feature_extractor(model, return_nodes={node: name for name, node in layers.items()}).eval()
-        self.folded = _fold_batchnorm(self.body)
-        _protect_captured(self.body)
+        family = family_of(model_name)
+        self.layouts = {name: family.layout(node) for name, node in self.layers.items()}
+        try:
+            self.body = _traced(model, self.layers)
+            self.folded = _fold_batchnorm(self.body)
+            _protect_captured(self.body)
+        except Exception as e:  # a graph the rewrites do not understand: the plain forward, nothing in place
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            log.warning("%s: the forward's graph rewrites do not apply (%s: %s); the traced forward runs as it is, "
+                        "with in-place ops off", model_name, type(e).__name__, why)
+            self.body, self.folded = _traced(model, self.layers, inplace=False), 0
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
         self.channels_last = channels_last
@@ -264,6 +328,10 @@ class FeatureExtractor(nn.Module):
         self.autocast_cache = True  # off while a CUDA graph is captured (autocast's cache breaks graphs)
         if channels_last:
             self.body = self.body.to(memory_format=torch.channels_last)
+
+    def layout_notes(self) -> dict[str, str]:
+        """{layer: how it is stored} for the layers not captured as (C, H, W) maps."""
+        return {name: LAYOUT_NOTES[layout] for name, layout in self.layouts.items() if layout != NCHW}
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> the network's input: torchvision's normalisation, in the chosen memory layout."""
@@ -285,6 +353,7 @@ class FeatureExtractor(nn.Module):
         x = self.prepare(images)
         with self.precision(x.device.type):
             out = self.body(x)
+        out = {k: as_grid(v, self.layouts.get(k, NCHW)) for k, v in out.items()}
         return out if self.autocast == "none" else {k: v.float() for k, v in out.items()}
 
     def layer_shapes(self, size: int) -> dict[str, list[int]]:
@@ -297,7 +366,7 @@ class FeatureExtractor(nn.Module):
 def rebuild_backbone(meta):
     """The backbone a cache records (its `CacheMeta`), as a torchvision model in eval mode, checked against
     the cache's fingerprint; or a FeatreconError saying why it cannot be rebuilt."""
-    model, _ = load_resnet50(meta.weights)
+    model, _ = load_backbone(meta.backbone, meta.weights, meta.preprocessing.crop)
     if fingerprint(model) != meta.weights_fingerprint:
         raise FeatreconError(f"the weights {meta.weights} are not the ones the cache was made with (their "
                              "fingerprint differs)")

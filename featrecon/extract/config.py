@@ -10,10 +10,9 @@ from ..cache.schema import CODEC_CHOICES, DEFAULT_SHARD_SIZE, FEATURE_DTYPES, FO
 from ..errors import FeatreconError
 from ..settings import LOCATION, PATH, or_auto, setting
 
-NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT")
-WEIGHTS_HELP = ("IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT (torchvision, downloaded once), a path to a state-dict "
-                "file, random or random:SEED (seeded init), or auto (IMAGENET1K_V2, or random:0 with a warning "
-                "when it cannot be downloaded)")
+WEIGHTS_HELP = ("the model's torchvision weights (for resnet50 IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT; downloaded "
+                "once), a path to a state-dict file, random or random:SEED (seeded init), or auto (the model's "
+                "DEFAULT weights, or random:0 with a warning when they cannot be downloaded)")
 AUTOCASTS = ("none", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "yes", "no")
 # Below this many images, --compile auto runs eagerly: compiling takes 10-25 s, which a few
@@ -29,7 +28,10 @@ class ExtractConfig:
                               "or a Zarr URL (s3://bucket/path/cache.zarr; see --storage-option)")
     images: Path | None = setting(None, parse=PATH, help="folder of images, searched recursively (default: the "
                                   "sample photos bundled with scikit-image)")
-    layers: str = setting("all", help="all, or a comma list of stem, layer1..layer4 or torchvision node names")
+    model: str = setting("resnet50", help="the backbone: a torchvision classifier (the ResNets, wide_resnet50_2, "
+                         "ConvNeXt, EfficientNet, ViT, Swin; featrecon models lists them with their layers)")
+    layers: str = setting("all", help="all (the model's own stages: for ResNets stem, layer1..layer4), a comma list "
+                          "of those names or of torchvision node names, or list (print them and stop)")
     weights: str = setting("auto", help=WEIGHTS_HELP)
     size: int | None = setting(None, parse=int, help="crop size in pixels (default: the weights' own, 224)")
     dtype: str = setting("float16", choices=FEATURE_DTYPES, help="stored feature dtype")
@@ -92,8 +94,9 @@ class ExtractConfig:
 
 
 def check_weights(weights: str) -> None:
-    """A clear error for a --weights value that names nothing, before anything is loaded."""
-    if weights == "auto" or weights in NAMED_WEIGHTS:
+    """A clear error for a --weights value that names nothing, before anything is loaded (a NAME in
+    capitals is checked against the model's own weights when torchvision is loaded)."""
+    if weights == "auto" or (weights.isupper() and weights.replace("_", "").isalnum()):
         return
     if weights == "random" or weights.startswith("random:"):
         if not (weights.partition(":")[2] or "0").isdigit():

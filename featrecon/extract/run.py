@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from tqdm import tqdm
 
 from ..cache import remote
@@ -37,10 +36,19 @@ from ..device import resolve_device
 from ..distributed import Group, join, leave
 from ..errors import FeatreconError
 from ..version import __version__
-from .backbone import FeatureExtractor, fingerprint, load_resnet50, preprocessing_for, resolve_layers
+from .backbone import (
+    FeatureExtractor,
+    fingerprint,
+    is_named_weights,
+    load_backbone,
+    named_weights,
+    preprocessing_for,
+    resolve_layers,
+)
 from .config import ExtractConfig, auto_workers, use_compile
 from .forward import CompiledForward, GpuForward, to_storage
 from .images import SAMPLE_IMAGES, discover_images, image_loader, labels_for, sample_images_root
+from .models import build, check_size, family_of
 from .views import auto_views
 from .views import plan as plan_views
 
@@ -96,8 +104,21 @@ def _check_config(cfg: ExtractConfig) -> None:
     resolve_device(cfg.device)
     _check_out(cfg.out)
     _check_out_is_not_source(cfg.out, sample_images_root() if cfg.images is None else Path(cfg.images))
+    family_of(cfg.model)
+    if is_named_weights(cfg.weights):
+        named_weights(cfg.model, cfg.weights)
+    check_size(cfg.model, input_size(cfg))
     with torch.device("meta"):  # layer names checked on an empty model: no weights loaded or downloaded
-        resolve_layers(cfg.layers, torchvision.models.resnet50())
+        model = build(cfg.model, input_size(cfg))
+    resolve_layers(cfg.layers, model, cfg.model)
+
+
+def input_size(cfg: ExtractConfig) -> int:
+    """The crop the network sees: --size, else the weights' own (224 for random weights and files)."""
+    if cfg.size:
+        return cfg.size
+    named = cfg.weights if is_named_weights(cfg.weights) else ("DEFAULT" if cfg.weights == "auto" else "random")
+    return preprocessing_for(named, None, cfg.model).crop
 
 
 def _check_out(out: Path | str) -> None:
@@ -115,9 +136,10 @@ def _check_out(out: Path | str) -> None:
 def build_meta(cfg: ExtractConfig, extractor: FeatureExtractor, weights: str, weights_fp: str, pre,
                root: Path, ids: list[str], label_source: str, views: int = 0) -> CacheMeta:
     """`ids`: the source images; the cache holds views + 1 samples of each."""
+    shapes = extractor.layer_shapes(pre.crop)
     return CacheMeta(
-        n=len(ids) * (views + 1), views=views, layers=extractor.layer_shapes(pre.crop), nodes=dict(extractor.layers),
-        weights=weights,
+        n=len(ids) * (views + 1), views=views, layers=shapes, nodes=dict(extractor.layers), weights=weights,
+        backbone=cfg.model, strides={l: pre.crop // s[1] for l, s in shapes.items()}, layouts=extractor.layout_notes(),
         weights_fingerprint=weights_fp, preprocessing=pre, dtype=cfg.dtype, codec=str(Codec.parse(cfg.codec)),
         autocast=cfg.autocast, source_root=str(root), holdout_fraction=cfg.holdout_fraction,
         ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(), shard_size=cfg.shard_size,
@@ -141,8 +163,7 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta, ids: list[str], labels: 
     state = check_replaceable(out, cfg.overwrite)
     if state == CACHE and not cfg.overwrite:
         store = open_cache(out, "r+", cfg.fmt)
-        old, new = store.meta.identity(), meta.identity()
-        diffs = [k for k in new if old.get(k) != new[k]]
+        diffs = store.meta.resumable_by(meta)
         if diffs:
             store.close()
             raise FeatreconError(
@@ -196,10 +217,11 @@ def _extract(cfg: ExtractConfig, group: Group, root: Path, ids: list[str], label
         raise FeatreconError(f"--out {cfg.out}: several processes write only Zarr caches (HDF5's parallel "
                              "writing needs MPI); give --out a .zarr path, or run one process")
     cfg = with_device_defaults(cfg, device)
-    model, weights = load_resnet50(cfg.weights)
+    model, weights = load_backbone(cfg.model, cfg.weights, input_size(cfg))
     weights_fp = fingerprint(model)
-    pre = preprocessing_for(weights, cfg.size)  # the recorded name: the weights' own recipe, else 256/224
-    extractor = FeatureExtractor(model, resolve_layers(cfg.layers, model), pre, cfg.channels_last, cfg.autocast).to(device)
+    pre = preprocessing_for(weights, cfg.size, cfg.model)  # the recorded name: the weights' own recipe, else 256/224
+    extractor = FeatureExtractor(model, resolve_layers(cfg.layers, model, cfg.model), pre, cfg.channels_last,
+                                 cfg.autocast, cfg.model).to(device)
     meta = build_meta(cfg, extractor, weights, weights_fp, pre, root, ids, label_source, k)
     sample_ids, views = plan_views(ids, k, pre.resize, pre.crop)  # a source's views share its split and label
     split = assign_split(sample_ids, cfg.holdout_fraction)

@@ -159,7 +159,7 @@ FINE_WIDTH = 256
 
 def layer_strides(meta: CacheMeta, layers: tuple[str, ...]) -> list[int]:
     """Image pixels per feature cell, per layer."""
-    return [meta.image_shape[1] // meta.layers[l][1] for l in layers]
+    return [meta.stride(l) for l in layers]
 
 
 def auto_crop(strides: list[int], image: int) -> int:

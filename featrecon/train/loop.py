@@ -216,7 +216,7 @@ def feature_encoder(cfg: TrainConfig, meta: S.CacheMeta, settings: StepSettings,
     except FeatreconError as e:
         raise FeatreconError(f"--loss mse+feat needs the cache's backbone: {e}") from None
     encoder = FeatureExtractor(backbone, {l: meta.nodes[l] for l in cfg.layers}, meta.preprocessing,
-                               settings.channels_last, meta.autocast).to(device).eval()
+                               settings.channels_last, meta.autocast, meta.backbone).to(device).eval()
     return encoder.requires_grad_(False)
 
 

@@ -11,7 +11,7 @@ import torch
 from featrecon.cache import schema as S
 from featrecon.cache.factory import open_cache
 from featrecon.evaluate.fidelity import Judge
-from featrecon.extract.backbone import load_resnet50
+from featrecon.extract.backbone import load_backbone
 from tests.helpers import PHOTOS, build_cache, sample_images_root
 
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331")  # classes 0-5
@@ -27,7 +27,7 @@ def labelled(tmp_path_factory):
 
 def direct_logits(images: torch.Tensor) -> np.ndarray:
     """torchvision's ResNet-50 (random:0) on [0, 1] images, normalised here: no featrecon code."""
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_top1_and_features_of_reconstructions_against_torchvision(labelled):
 
 
 def test_a_backbone_that_cannot_be_rebuilt_is_left_out_with_the_reason(tmp_path, photo_dir):
-    model, _ = load_resnet50("random:4")
+    model, _ = load_backbone("resnet50", "random:4")
     weights = tmp_path / "w.pt"
     torch.save(model.state_dict(), weights)
     cache = build_cache(tmp_path / "c.zarr", photo_dir, layers="layer3", weights=str(weights))
@@ -69,7 +69,7 @@ def test_a_backbone_that_cannot_be_rebuilt_is_left_out_with_the_reason(tmp_path,
     with open_cache(cache) as store:
         judge = Judge(store.meta)
     assert not judge.available and "cannot be rebuilt" in judge.why and "w.pt" in judge.why
-    other, _ = load_resnet50("random:5")
+    other, _ = load_backbone("resnet50", "random:5")
     torch.save(other.state_dict(), weights)  # another network at the same path
     with open_cache(cache) as store:
         assert "fingerprint differs" in Judge(store.meta).why

@@ -14,7 +14,7 @@ from PIL import Image
 from featrecon.cache import schema as S
 from featrecon.cache.factory import open_cache
 from featrecon.errors import FeatreconError
-from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.backbone import FeatureExtractor, load_backbone, preprocessing_for, resolve_layers
 from featrecon.extract.config import ExtractConfig
 from featrecon.extract.run import extract
 from tests.helpers import SIZE, direct_forward
@@ -25,7 +25,7 @@ def test_features_equal_direct_torchvision_forward(tmp_path, photo_dir, suffix):
     out = tmp_path / f"cache{suffix}"
     result = extract(cfg(out, photo_dir, layers="all"))
     assert result.done == len(list(photo_dir.iterdir())) and not result.skipped
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     with open_cache(out) as store:
         images = store.read(S.IMAGES, 0, store.meta.n)
         ids = store.ids()
@@ -55,7 +55,7 @@ def test_shapes_follow_the_strides_and_forward_stops_at_deepest(tmp_path, photo_
         assert store.meta.nodes == {"stem": "relu", "layer2": "layer2"}
         assert store.read(S.IMAGES, 0, 2).shape == (2, 3, 96, 96)
 
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     fx = FeatureExtractor(model, resolve_layers("layer2", model), preprocessing_for("random:0"))
     assert not hasattr(fx.body, "layer3") and not hasattr(fx.body, "fc")
 
@@ -72,7 +72,7 @@ def test_graph_rewrites_never_change_a_captured_value():
     and a ReLU that would overwrite a captured tensor works on a copy."""
     import copy
 
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     nodes = ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.add", "layer1.0.relu", "layer1.0.relu_2", "layer1.1.bn3", "layer2"]
     fx = FeatureExtractor(model, resolve_layers(",".join(nodes), model), preprocessing_for("random:0"), channels_last=False)
@@ -113,7 +113,7 @@ def test_any_node_name_and_unknown_layer_lists_choices(tmp_path, photo_dir):
     extract(cfg(out, photo_dir, layers="layer1.0.bn1", limit=2))
     with open_cache(out) as store:
         got = store.read(S.feature_path("layer1.0.bn1"), 0, 2).astype(np.float32)
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     with open_cache(out) as store:
         x = store.read(S.IMAGES, 0, 2)
     t = normalised(torch.from_numpy(x))
@@ -136,8 +136,8 @@ def test_download_failure_names_the_alternatives(monkeypatch):
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     with pytest.raises(FeatreconError, match="could not download.*--weights PATH.*--weights random"):
-        load_resnet50("IMAGENET1K_V2")
-    model, name = load_resnet50("auto")  # falls back, and says what it used
+        load_backbone("resnet50", "IMAGENET1K_V2")
+    model, name = load_backbone("resnet50", "auto")  # falls back, and says what it used
     assert name == "random:0"
 
 

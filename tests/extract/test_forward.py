@@ -11,7 +11,7 @@ import torch
 
 from featrecon.cache import schema as S
 from featrecon.cache.factory import open_cache
-from featrecon.extract.backbone import FeatureExtractor, load_resnet50, preprocessing_for, resolve_layers
+from featrecon.extract.backbone import FeatureExtractor, load_backbone, preprocessing_for, resolve_layers
 from featrecon.extract.config import ExtractConfig
 from featrecon.extract.forward import to_storage
 from featrecon.extract.run import extract
@@ -25,7 +25,7 @@ def cfg(out: Path, images: Path, **kw) -> ExtractConfig:
 
 
 def test_float16_overflow_is_counted(tmp_path, photo_dir):
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     sd = model.state_dict()
     sd["conv1.weight"] = sd["conv1.weight"] * 1e5  # pushes the stem past 65504
     wfile = tmp_path / "big.pt"
@@ -60,7 +60,7 @@ def test_to_storage_counts_exactly_the_values_float16_turns_into_inf():
 def test_compiled_cpu_forward_writes_what_the_eager_forward_writes(tmp_path, photo_dir):
     """torch.compile'd forward + cast + overflow count (one compile; a short last batch is
     padded to the compiled size) against the eager path, with weights that overflow the stem."""
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     sd = model.state_dict()
     sd["conv1.weight"] = sd["conv1.weight"] * 3e4  # some stem values pass 65504, not all
     wfile = tmp_path / "big.pt"
@@ -129,7 +129,7 @@ def test_gpu_graph_replays_equal_the_eager_forward_for_every_batch():
     arrays must hold that batch's features even after later batches have run."""
     from featrecon.extract.forward import GpuForward, to_storage
 
-    model, _ = load_resnet50("random:0")
+    model, _ = load_backbone("resnet50", "random:0")
     fx = FeatureExtractor(model, resolve_layers("layer1,layer3", model), preprocessing_for("random:0", 64)).cuda()
     forward = GpuForward(fx, "float16", 4, 64, torch.device("cuda"))
     assert len(forward.slots) == 2

@@ -12,7 +12,7 @@ from featrecon.cache.factory import open_cache
 from featrecon.errors import FeatreconError
 from featrecon.evaluate.config import ScoreConfig
 from featrecon.evaluate.scoring import score, split_indices
-from featrecon.extract.backbone import load_resnet50
+from featrecon.extract.backbone import load_backbone
 from featrecon.extract.images import load_image
 from featrecon.extract.views import AUTO_MAX, AUTO_TARGET, auto_views, plan, random_box
 from featrecon.train.config import TrainConfig
@@ -72,7 +72,7 @@ def test_views_are_recorded_and_their_pixels_follow_the_schema(views_cache, phot
             out = im.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=px)
             expect = np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip[i] else out).transpose(2, 0, 1)
         assert np.array_equal(images[i], expect), f"sample {i} (view {view[i]})"
-    model, _ = load_resnet50("random:0")  # the features are the backbone's on each view
+    model, _ = load_backbone("resnet50", "random:0")  # the features are the backbone's on each view
     ref = direct_forward(model.eval(), images[: K + 1], ["layer1"])["layer1"]
     np.testing.assert_allclose(store.read("features/layer1", 0, K + 1).astype(np.float32), ref, rtol=2e-2, atol=2e-2)
     store.close()
