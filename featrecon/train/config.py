@@ -76,7 +76,7 @@ class TrainConfig:
                            "eager, with a warning, if compiling fails)")
     in_memory: str = setting("auto", choices=IN_MEMORY, help="load the training arrays into RAM once (auto: when "
                              "they fit comfortably)")
-    shuffle: str = setting("window", choices=SHUFFLE_CHOICES, help="the training order: global (every batch drawn "
+    shuffle: str = setting("auto", choices=SHUFFLE_CHOICES, help="the training order: global (every batch drawn "
                            "from the whole train split; each sample's chunk read through its shard's index), window "
                            "(batches from 4 shards at a time, each shard read whole: for object stores), or auto "
                            "(global on a local cache, window on an object store)")
