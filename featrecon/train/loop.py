@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ..cache import schema as S
 from ..cache.base import CacheStore
 from ..cache.factory import open_cache
 from ..cache.loader import CacheLoader
+from ..cache.remote import is_url
 from ..device import resolve_device
 from ..distributed import Group, join, leave
 from ..errors import FeatreconError
@@ -171,6 +172,7 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = decoder_config(cfg, store.meta)
     resume_from = _check_run_folder(cfg, fp)  # every rank reads the same last.pt
+    cfg = replace(cfg, shuffle=shuffle_mode(cfg, resume_from))
     group.barrier()  # ... before rank 0 writes anything
     if group.main:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -364,11 +366,24 @@ def _check_run_folder(cfg: TrainConfig, fp: str) -> dict | None:
     # A setting added after the run was written (grad_clip) is read as what the run trained with: its
     # default, or where the default has changed since, the old behaviour (LEGACY).
     defaults = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **LEGACY}
-    diffs = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k]]
+    diffs = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k]
+             and not (k == "shuffle" and new[k] == "auto")]  # auto resumes in the run's own mode
     if diffs:
         raise FeatreconError(f"--resume: settings differ from the run in {cfg.out} ({', '.join(diffs)}); "
                              "use the same settings, or another --out")
     return ckpt
+
+
+def shuffle_mode(cfg: TrainConfig, resume_from: dict | None) -> str:
+    """--shuffle resolved: as given; for auto, a resumed run's own mode (window for runs from before the
+    setting), else global on a local cache and window on an object store (one request per chunk is slow)."""
+    if cfg.shuffle != "auto":
+        return cfg.shuffle
+    if resume_from is not None:
+        recorded = resume_from["train_config"].get("shuffle", LEGACY["shuffle"])
+        if recorded != "auto":
+            return recorded
+    return "window" if is_url(cfg.cache) else "global"
 
 
 def _recorded_best(out: Path, last: dict) -> tuple[int, dict | None]:

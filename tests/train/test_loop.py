@@ -71,6 +71,33 @@ def test_resume_equals_uninterrupted_run(zarr_cache, tmp_path, monkeypatch):
     assert la == lb
 
 
+def test_default_shuffle_is_global_and_a_window_run_resumes_in_its_own_mode(zarr_cache, tmp_path, monkeypatch):
+    """--shuffle auto records global on a local cache; resuming a run trained in window mode (the
+    default before) with the default keeps its mode, so it still equals its uninterrupted run."""
+    fresh = tmp_path / "fresh"
+    fit(tcfg(zarr_cache, fresh, epochs=1, eval_samples=4))
+    assert json.loads((fresh / "config.json").read_text())["shuffle"] == "global"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    fit(tcfg(zarr_cache, whole, epochs=3, shuffle="window"))
+    real = train_one_epoch
+
+    def killed_at_epoch_2(model, loader, epoch, *a, **k):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(model, loader, epoch, *a, **k)
+
+    monkeypatch.setattr(loop, "train_one_epoch", killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tcfg(zarr_cache, cut, epochs=3, shuffle="window"))
+    monkeypatch.undo()
+    fit(tcfg(zarr_cache, cut, epochs=3, resume=True))  # the default, auto
+    assert json.loads((cut / "config.json").read_text())["shuffle"] == "window"
+    a, b = (torch.load(p / "last.pt", weights_only=False)["model"] for p in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FeatreconError, match="settings differ.*shuffle"):
+        fit(tcfg(zarr_cache, cut, epochs=3, resume=True, shuffle="global"))
+
+
 def test_refusals(zarr_cache, photos24, tmp_path):
     with pytest.raises(FeatreconError, match="not in the cache; cached layers: stem, layer1"):
         fit(tcfg(zarr_cache, tmp_path / "a", layers=("layer1.0.conv1",)))
