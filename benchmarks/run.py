@@ -57,7 +57,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="default: extract-features' own")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--weights", default="random:0")
-    p.add_argument("--codec", help="extract-features --codec for section 1 (default: its own)")
+    p.add_argument("--codec", help="extract-features --codec for section 1, or a comma list to compare codecs "
+                   "side by side (each round extracts with each in turn; default: its own)")
+    p.add_argument("--extract-layers", default="all,layer3", help="section 1's layer sets (comma list)")
     p.add_argument("--compile", choices=["yes", "no"], help="extract-features --compile (default yes, what a "
                    "run of 3000 images or more does on a CPU; no with --quick)")
     p.add_argument("--rounds", type=int, help="extraction runs per layer set, each between two bare forwards, "

@@ -72,11 +72,12 @@ class BareForwards:
 
 
 def run_extract_features(args, files_root: Path, n: int, layers: str, out: Path, device,
-                         model: str = "resnet50") -> dict:
-    """`extract-features` as users run it, in its own process; returns its --stats."""
+                         model: str = "resnet50", codec: str | None = None) -> dict:
+    """`extract-features` as users run it, in its own process (`codec`: its --codec, default its
+    own); returns its --stats."""
     stats = out.with_suffix(".stats.json")
     cmd = [sys.executable, "-m", "featrecon", "extract-features", "--images", str(files_root), "--limit", str(n),
-           "--model", model, "--views", "0", *(["--codec", args.codec] if getattr(args, "codec", None) else []),
+           "--model", model, "--views", "0", *(["--codec", codec] if codec else []),
            "--layers", layers, "--out", str(out), "--weights", args.weights, "--size", str(args.size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", str(device),
            "--autocast", args.autocast, "--compile", args.compile, "--overwrite", "--no-progress", "--stats", str(stats)]
@@ -122,47 +123,63 @@ def compress_limit(cache: Path, shards: int = 8) -> float:
     return sum(meta.shard_bounds(k)[1] - meta.shard_bounds(k)[0] for k in ks) / dt
 
 
+def codecs_of(args) -> list[str | None]:
+    """--codec as a list (None: extract-features' default)."""
+    return [c.strip() for c in args.codec.split(",")] if getattr(args, "codec", None) else [None]
+
+
 def bench_extraction(args, files_root: Path, ids: list[str], work: Path, device) -> tuple[dict, Path]:
     """Extraction against the bare forwards, in `args.rounds` rounds: bare, extract, bare,
-    extract, ..., bare. Each extraction is compared with the faster of the bare runs just
-    before and just after it (so noise cannot flatter a round), and the median round is
-    reported, with the lowest and highest round ratio beside it: on a shared machine the
-    same forward varies by 10-15% from minute to minute. Extraction rates leave out the first
-    batch, as the forwards leave out theirs. Also each stage alone (decoding, compression),
-    which bounds extraction from above."""
+    extract, ..., bare, with every codec of --codec extracted in turn within each round (so
+    the codecs are compared side by side, against the same forwards). Each extraction is
+    compared with the faster of the bare runs just before and just after it (so noise cannot
+    flatter a round), and the median round is reported, with the lowest and highest round
+    ratio beside it: on a shared machine the same forward varies by 10-15% from minute to
+    minute. Extraction rates leave out the first batch, as the forwards leave out theirs. Also
+    each stage alone (decoding, compression), which bounds extraction from above."""
     pre = preprocessing_for(load_backbone("resnet50", args.weights)[1], args.size)
     images = torch.stack([torch.from_numpy(load_image(files_root / i, pre)) for i in ids])
     decode = decode_limit(files_root, ids, pre, args.batch_size, args.workers, device)
     log.info("decoding alone (%d workers): %.1f img/s", args.workers, decode)
+    codecs = codecs_of(args)
     out = {}
-    for layers in ("all", "layer3"):
+    for layers in args.extract_layers.split(","):
         bare_forwards = BareForwards(layers, args, device)
         bare = [bare_forwards(images)]
-        rounds = []
+        rounds: dict = {c: [] for c in codecs}
         for r in range(args.rounds):
-            res = run_extract_features(args, files_root, len(ids), layers, work / f"extract_{layers}.zarr", device)
-            bare.append(bare_forwards(images))
-            stock = max(bare[r]["stock"], bare[r + 1]["stock"])
-            own = max(bare[r]["featrecon"], bare[r + 1]["featrecon"])
-            steady = res["steady_images_per_s"]
-            rounds.append({"extract_img_s": steady, "stock_forward_img_s": stock, "featrecon_forward_img_s": own,
-                           "ratio": steady / stock, "ratio_to_featrecon_forward": steady / own,
-                           "extract_img_s_with_first_batch": res["images_per_s"], "forward_s": res["forward_seconds"],
-                           "write_s": res["write_seconds"], "total_s": res["seconds"],
-                           "compile_s": res.get("compile_seconds", 0.0)})
-            log.info("extraction %s, round %d: %.1f img/s vs stock forward %.1f (%.2f), featrecon forward %.1f (%.2f)",
-                     layers, r + 1, steady, stock, steady / stock, own, steady / own)
-        compress = compress_limit(work / f"extract_{layers}.zarr")
-        median = sorted(rounds, key=lambda x: x["ratio"])[len(rounds) // 2]
-        limit = min(median["stock_forward_img_s"], decode, compress)
-        out[layers] = {**median, "decode_img_s": decode, "compress_img_s": compress, "slowest_stage_img_s": limit,
-                       "ratio_to_slowest_stage": median["extract_img_s"] / limit, "target": 0.9, "images": len(ids),
-                       "ratio_low": min(x["ratio"] for x in rounds), "ratio_high": max(x["ratio"] for x in rounds),
-                       "rounds": rounds, "bare_runs": bare}
-        log.info("extraction %s: median round %.2f of the stock forward (rounds %s); decoding alone %.1f, "
-                 "compression alone %.1f img/s", layers, median["ratio"],
-                 ", ".join(f"{x['ratio']:.2f}" for x in rounds), decode, compress)
-    return out, work / "extract_all.zarr"
+            for codec in codecs:
+                cache = work / f"extract_{layers}{'' if codec == codecs[0] else '_' + codec}.zarr"
+                res = run_extract_features(args, files_root, len(ids), layers, cache, device, codec=codec)
+                bare.append(bare_forwards(images))
+                stock = max(bare[-2]["stock"], bare[-1]["stock"])
+                own = max(bare[-2]["featrecon"], bare[-1]["featrecon"])
+                steady = res["steady_images_per_s"]
+                rounds[codec].append({"extract_img_s": steady, "stock_forward_img_s": stock,
+                                      "featrecon_forward_img_s": own, "ratio": steady / stock,
+                                      "ratio_to_featrecon_forward": steady / own,
+                                      "extract_img_s_with_first_batch": res["images_per_s"],
+                                      "forward_s": res["forward_seconds"], "write_s": res["write_seconds"],
+                                      "total_s": res["seconds"], "compile_s": res.get("compile_seconds", 0.0),
+                                      "cache": str(cache)})
+                log.info("extraction %s (%s), round %d: %.1f img/s vs stock forward %.1f (%.2f), featrecon forward "
+                         "%.1f (%.2f)", layers, codec or "default codec", r + 1, steady, stock, steady / stock, own,
+                         steady / own)
+        for codec in codecs:
+            runs = rounds[codec]
+            compress = compress_limit(Path(runs[0]["cache"]))
+            median = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
+            limit = min(median["stock_forward_img_s"], decode, compress)
+            key = layers if len(codecs) == 1 else f"{layers} ({codec or 'default'})"
+            out[key] = {**median, "layers": layers, "codec": codec or "default", "decode_img_s": decode,
+                        "compress_img_s": compress, "slowest_stage_img_s": limit,
+                        "ratio_to_slowest_stage": median["extract_img_s"] / limit, "target": 0.9, "images": len(ids),
+                        "ratio_low": min(x["ratio"] for x in runs), "ratio_high": max(x["ratio"] for x in runs),
+                        "rounds": runs, "bare_runs": bare}
+            log.info("extraction %s: median round %.2f of the stock forward (rounds %s); decoding alone %.1f, "
+                     "compression alone %.1f img/s", key, median["ratio"], ", ".join(f"{x['ratio']:.2f}" for x in runs),
+                     decode, compress)
+    return out, (work / "extract_all.zarr" if "all" in args.extract_layers.split(",") else None)
 
 
 def markdown(r: dict) -> list[str]:
@@ -178,7 +195,8 @@ def markdown(r: dict) -> list[str]:
              "of the bare runs on either side of it; the table shows the median round, and the lowest and "
              "highest round beside it. Every rate leaves out its first batch. Decoding alone is the same "
              "DataLoader with no forward; compression alone re-encodes the cache's own shards with the writer's "
-             "code on one thread per core. Extraction cannot beat the slowest of the three.\n",
+             "code on one thread per core. Extraction cannot beat the slowest of the three. Where several codecs are "
+             "listed, each round extracted with each of them in turn, between the same bare forwards.\n",
              "| layers | extract-features img/s | stock forward img/s | featrecon forward img/s "
              "| decoding alone | compression alone | extract / stock | rounds (low-high) | extract / featrecon forward "
              "| extract / slowest stage |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
