@@ -58,6 +58,7 @@ VARIANTS = {  # changes from the defaults; every variant standardises its inputs
     "crop 64, width 256": dict(crop=64, width=256),
     "lr 1e-3, grad clip 0.5": dict(lr=1e-3, grad_clip=0.5),
     "grad clip 0.5": dict(grad_clip=0.5),
+    "mse+feat loss (feature weight 0.1)": dict(loss="mse+feat"),
 }
 
 
@@ -126,6 +127,12 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
             "stopped": stopped}
 
 
+def _fidelity(row: dict) -> str:
+    if row.get("rel_l2") is None:
+        return "-"
+    return f"{row['rel_l2']:.3f} / {row['cosine']:.4f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, required=True)
@@ -148,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
             row = run_variant(args.cache, layer, name, VARIANTS[name], args.minutes, folder, args.epochs)
             rep = score(ScoreConfig(cache=args.cache, runs=folder, out=args.out / "scratch", progress=False, save=0))
             r = rep["runs"][0]
+            layer_fid = row["layer"].split("+")[-1]  # the deepest decoded layer: the feature-fidelity column
             row |= {"psnr": r["psnr"]["mean"], "ssim": r["ssim"]["mean"], "n": r["n"],
+                    "rel_l2": r.get(f"rel_l2/{layer_fid}", {}).get("mean"),
+                    "cosine": r.get(f"cosine/{layer_fid}", {}).get("mean"),
                     "floor_psnr": rep["baseline"]["psnr"]["mean"], "floor_ssim": rep["baseline"]["ssim"]["mean"]}
             rows.append(row)
             (args.out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -163,11 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     score(ScoreConfig(cache=args.cache, runs=args.out / "best", out=args.out / "report", progress=False, save=6))
     shutil.rmtree(args.out / "scratch", ignore_errors=True)
     md = ["| layer | variant | epochs | train s | step samples/s | holdout PSNR (dB) | SSIM | mean image PSNR / SSIM "
-          "| blow-ups (rolled back at epoch) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+          "| feature rel. L2 / cosine at the layer | blow-ups (rolled back at epoch) |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         jumps = ", ".join(str(b["epoch"]) for b in r["rollbacks"]) + (" (stopped)" if r["stopped"] else "")
         md.append(f"| {r['layer']} | {r['variant']} | {r['epochs']} | {r['train_seconds']:.0f} | {r['step_rate']:.1f} | "
-                  f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['floor_psnr']:.2f} / {r['floor_ssim']:.3f} | {jumps or 'none'} |")
+                  f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['floor_psnr']:.2f} / {r['floor_ssim']:.3f} | "
+                  f"{_fidelity(r)} | {jumps or 'none'} |")
     (args.out / "table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
