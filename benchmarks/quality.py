@@ -59,6 +59,7 @@ VARIANTS = {  # changes from the defaults; every variant standardises its inputs
     "lr 1e-3, grad clip 0.5": dict(lr=1e-3, grad_clip=0.5),
     "grad clip 0.5": dict(grad_clip=0.5),
     "mse+feat loss (feature weight 0.1)": dict(loss="mse+feat"),
+    "no grad clip (stem and layer1's default until 2026-12-02)": dict(grad_clip=0.0),
 }
 
 

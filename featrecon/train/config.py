@@ -19,7 +19,11 @@ COMPILE_CHOICES = ("auto", "yes", "no")
 IN_MEMORY = ("auto", "yes", "no")
 SHUFFLE_CHOICES = ("auto", "global", "window")
 # What a setting added after a run was written meant for that run, where its default is not it.
-LEGACY = {"shuffle": "window"}
+LEGACY = {"shuffle": "window", "grad_clip": 0.0}
+# Settings whose None means auto, resolved by `resolve` (a resumed run keeps its recorded values).
+AUTO_SETTINGS = ("crop", "width", "res_scale", "lr", "grad_clip")
+# --grad-clip auto for inputs at stride 4 or finer (see auto_grad_clip).
+FINE_CLIP = 0.5
 # Peak learning rate per decoder. upconv normalises every stage (GroupNorm) and trains at 2e-3;
 # edsr and espcn have no normalisation, and at 2e-3 Adam's first steps blew their outputs up or
 # silenced every unit (benchmarks/QUALITY.md); 5e-4 trained steadily.
@@ -46,8 +50,11 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, parse=float, help="AdamW's decoupled weight decay")
     warmup: float = setting(0.05, parse=float, help="share of all steps spent warming the learning rate up "
                             "linearly, then cosine to zero")
-    grad_clip: float = setting(0.0, parse=float, help="clip the gradient's global norm to this before each step "
-                               "(0: no clipping)")
+    grad_clip: float | None = setting(None, parse=or_auto(float, "a number"), metavar="X|auto",
+                                      help="clip the gradient's global norm to this before each step (0: no "
+                                      f"clipping; auto: {FINE_CLIP:g} for inputs at stride 4 or finer, stem and "
+                                      "layer1, whose unscaled residual branches blew up on some backbones' features "
+                                      "without it; none deeper; benchmarks/QUALITY.md)")
     width: int | None = setting(None, parse=or_auto(int, "a whole number"), metavar="N|auto",
                                 help="channels of the widest (coarsest) stage; halved per upsampling, down to "
                                 "width//8 (auto: 256 for inputs at stride 4 or finer, stem and layer1, else 128)")
@@ -111,8 +118,9 @@ class TrainConfig:
         """One clear error for the first bad setting, before anything is read or built."""
         checks = [("--epochs", self.epochs, self.epochs >= 1, "must be at least 1"),
                   ("--batch-size", self.batch_size, self.batch_size >= 1, "must be at least 1"),
-                  ("--grad-clip", self.grad_clip, self.grad_clip >= 0 and math.isfinite(self.grad_clip),
-                   "must be 0 (off) or a positive number"),
+                  ("--grad-clip", self.grad_clip,
+                   self.grad_clip is None or (self.grad_clip >= 0 and math.isfinite(self.grad_clip)),
+                   "must be auto, 0 (off) or a positive number"),
                   ("--lr", self.lr, self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
                    "must be a positive number"),
                   ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
@@ -179,6 +187,13 @@ def auto_res_scale(strides: list[int]) -> float:
     return 1.0 if max(strides) <= FINE_STRIDE else 0.1
 
 
+def auto_grad_clip(strides: list[int]) -> float:
+    """--grad-clip auto: FINE_CLIP when every input is at stride 4 or finer (unscaled residual
+    branches: a layer1 decoder on another seeded backbone's features blew up at epoch 21 without
+    it, benchmarks/QUALITY.md), else 0 (the 0.1-scaled deeper decoders trained steadily unclipped)."""
+    return FINE_CLIP if max(strides) <= FINE_STRIDE else 0.0
+
+
 def auto_width(strides: list[int]) -> int:
     """--width auto: FINE_WIDTH (a 128-channel stride-4 body) when every input is at stride 4 or
     finer, else AUTO_WIDTH."""
@@ -193,11 +208,16 @@ def check_crop(crop: int, strides: list[int], image: int) -> None:
 
 def resolve(cfg: TrainConfig, meta: CacheMeta) -> TrainConfig:
     """cfg with its layers in the cache's order (shallow to deep) and its auto settings (crop, width,
-    res_scale, lr) set for them; a run records them resolved, in config.json and the checkpoint."""
+    res_scale, lr, grad_clip) set for them; a run records them resolved, in config.json and the checkpoint."""
     layers = tuple(sorted(cfg.layers, key=list(meta.layers).index))
     strides = layer_strides(meta, layers)
     auto = {"crop": auto_crop(strides, meta.image_shape[1]), "width": auto_width(strides),
-            "res_scale": auto_res_scale(strides), "lr": DEFAULT_LR[cfg.arch]}
+            "res_scale": auto_res_scale(strides), "lr": DEFAULT_LR[cfg.arch], "grad_clip": auto_grad_clip(strides)}
     resolved = replace(cfg, layers=layers, **{k: v for k, v in auto.items() if getattr(cfg, k) is None})
     check_crop(resolved.crop, strides, meta.image_shape[1])
     return resolved
+
+
+def left_to_auto(cfg: TrainConfig) -> frozenset[str]:
+    """The settings `cfg` leaves to auto (before `resolve`): a resumed run keeps what it recorded for them."""
+    return frozenset([k for k in AUTO_SETTINGS if getattr(cfg, k) is None] + (["shuffle"] if cfg.shuffle == "auto" else []))

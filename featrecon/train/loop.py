@@ -43,7 +43,7 @@ from .checkpoint import (
     load_checkpoint,
     write_json,
 )
-from .config import LEGACY, RESUMABLE_CHANGES, TrainConfig, layer_strides, resolve
+from .config import LEGACY, RESUMABLE_CHANGES, TrainConfig, layer_strides, left_to_auto, resolve
 from .decoders import Decoder, DecoderConfig, count_parameters
 from .guard import BlowUp, Guard, Snapshot, roll_back
 from .samples import channel_stats, evaluation_indices, train_indices, validation_split
@@ -168,11 +168,12 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
     """The run's settings, samples, decoder and optimiser, and the checkpoint to resume from."""
     device = group.device
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
+    auto = left_to_auto(cfg)
     cfg = resolve(cfg, store.meta)
+    resume_from = _check_run_folder(cfg, fp, auto)  # every rank reads the same last.pt
+    cfg = settled(cfg, auto, resume_from)
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = decoder_config(cfg, store.meta)
-    resume_from = _check_run_folder(cfg, fp)  # every rank reads the same last.pt
-    cfg = replace(cfg, shuffle=shuffle_mode(cfg, resume_from))
     group.barrier()  # ... before rank 0 writes anything
     if group.main:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +347,7 @@ def stop_early(run: Run, progress: Progress) -> bool:
     return False
 
 
-def _check_run_folder(cfg: TrainConfig, fp: str) -> dict | None:
+def _check_run_folder(cfg: TrainConfig, fp: str, auto: frozenset[str] = frozenset()) -> dict | None:
     """The checkpoint to resume from, or None for a fresh run; refuses to mix runs."""
     last = cfg.out / "last.pt"
     existing = [p.name for p in (cfg.out / "last.pt", cfg.out / "best.pt") if p.exists()]
@@ -366,24 +367,25 @@ def _check_run_folder(cfg: TrainConfig, fp: str) -> dict | None:
     # A setting added after the run was written (grad_clip) is read as what the run trained with: its
     # default, or where the default has changed since, the old behaviour (LEGACY).
     defaults = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **LEGACY}
-    diffs = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k]
-             and not (k == "shuffle" and new[k] == "auto")]  # auto resumes in the run's own mode
+    diffs = [k for k in new if k not in RESUMABLE_CHANGES and k not in auto and old.get(k, defaults.get(k)) != new[k]]
     if diffs:
         raise FeatreconError(f"--resume: settings differ from the run in {cfg.out} ({', '.join(diffs)}); "
                              "use the same settings, or another --out")
     return ckpt
 
 
-def shuffle_mode(cfg: TrainConfig, resume_from: dict | None) -> str:
-    """--shuffle resolved: as given; for auto, a resumed run's own mode (window for runs from before the
-    setting), else global on a local cache and window on an object store (one request per chunk is slow)."""
-    if cfg.shuffle != "auto":
-        return cfg.shuffle
+def settled(cfg: TrainConfig, auto: frozenset[str], resume_from: dict | None) -> TrainConfig:
+    """cfg with the settings left to auto as a resumed run recorded them (a default changed since does
+    not change a run; a run from before a setting existed reads it as LEGACY says), and --shuffle auto
+    resolved for a new run: global on a local cache, window on an object store (one request per chunk
+    is slow there)."""
     if resume_from is not None:
-        recorded = resume_from["train_config"].get("shuffle", LEGACY["shuffle"])
-        if recorded != "auto":
-            return recorded
-    return "window" if is_url(cfg.cache) else "global"
+        old = resume_from["train_config"]
+        kept = {k: old.get(k, LEGACY.get(k)) for k in auto}
+        cfg = replace(cfg, **{k: v for k, v in kept.items() if v is not None and v != "auto"})
+    if cfg.shuffle == "auto":
+        cfg = replace(cfg, shuffle="window" if is_url(cfg.cache) else "global")
+    return cfg
 
 
 def _recorded_best(out: Path, last: dict) -> tuple[int, dict | None]:

@@ -31,11 +31,12 @@ def test_resolve_sets_only_the_auto_settings_per_layer(zarr_cache):
     for layer in ("layer1", "layer3"):
         cfg = resolve(TrainConfig(cache=zarr_cache, layers=(layer,), out=Path("r")), meta)
         strides = layer_strides(meta, (layer,))
-        assert (cfg.crop, cfg.width, cfg.res_scale, cfg.lr) == (
-            auto_crop(strides, size), auto_width(strides), auto_res_scale(strides), DEFAULT_LR["espcn"])
+        assert (cfg.crop, cfg.width, cfg.res_scale, cfg.lr, cfg.grad_clip) == (
+            auto_crop(strides, size), auto_width(strides), auto_res_scale(strides), DEFAULT_LR["espcn"],
+            {"layer1": 0.5, "layer3": 0.0}[layer])
         dcfg = decoder_config(cfg, meta)
         assert (dcfg.width, dcfg.base_width, dcfg.res_scale, dcfg.in_shapes) == (
             cfg.width, cfg.width // 8, cfg.res_scale, (tuple(meta.layers[layer]),))
     given = TrainConfig(cache=zarr_cache, layers=("layer1",), out=Path("r"), crop=16, width=24, lr=1e-3, arch="edsr",
-                          res_scale=0.5)
+                          res_scale=0.5, grad_clip=0.0)
     assert resolve(given, meta) == given  # what the user set stays

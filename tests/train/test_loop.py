@@ -71,14 +71,18 @@ def test_resume_equals_uninterrupted_run(zarr_cache, tmp_path, monkeypatch):
     assert la == lb
 
 
-def test_default_shuffle_is_global_and_a_window_run_resumes_in_its_own_mode(zarr_cache, tmp_path, monkeypatch):
-    """--shuffle auto records global on a local cache; resuming a run trained in window mode (the
-    default before) with the default keeps its mode, so it still equals its uninterrupted run."""
+def test_auto_settings_are_recorded_resolved_and_a_run_resumes_with_what_it_recorded(zarr_cache, tmp_path,
+                                                                                      monkeypatch):
+    """--shuffle auto records global on a local cache and --grad-clip auto 0.5 for layer1. A run trained
+    under older defaults (window, no clipping) resumed with today's defaults keeps its own settings, so it
+    still equals its uninterrupted run; a setting given explicitly must match."""
     fresh = tmp_path / "fresh"
     fit(tcfg(zarr_cache, fresh, epochs=1, eval_samples=4))
-    assert json.loads((fresh / "config.json").read_text())["shuffle"] == "global"
+    recorded = json.loads((fresh / "config.json").read_text())
+    assert (recorded["shuffle"], recorded["grad_clip"]) == ("global", 0.5)
+    old_defaults = dict(shuffle="window", grad_clip=0.0)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    fit(tcfg(zarr_cache, whole, epochs=3, shuffle="window"))
+    fit(tcfg(zarr_cache, whole, epochs=3, **old_defaults))
     real = train_one_epoch
 
     def killed_at_epoch_2(model, loader, epoch, *a, **k):
@@ -88,14 +92,17 @@ def test_default_shuffle_is_global_and_a_window_run_resumes_in_its_own_mode(zarr
 
     monkeypatch.setattr(loop, "train_one_epoch", killed_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        fit(tcfg(zarr_cache, cut, epochs=3, shuffle="window"))
+        fit(tcfg(zarr_cache, cut, epochs=3, **old_defaults))
     monkeypatch.undo()
-    fit(tcfg(zarr_cache, cut, epochs=3, resume=True))  # the default, auto
-    assert json.loads((cut / "config.json").read_text())["shuffle"] == "window"
+    fit(tcfg(zarr_cache, cut, epochs=3, resume=True))  # today's defaults: auto
+    recorded = json.loads((cut / "config.json").read_text())
+    assert (recorded["shuffle"], recorded["grad_clip"]) == ("window", 0.0)
     a, b = (torch.load(p / "last.pt", weights_only=False)["model"] for p in (whole, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FeatreconError, match="settings differ.*shuffle"):
         fit(tcfg(zarr_cache, cut, epochs=3, resume=True, shuffle="global"))
+    with pytest.raises(FeatreconError, match="settings differ.*grad_clip"):
+        fit(tcfg(zarr_cache, cut, epochs=3, resume=True, grad_clip=0.5))
 
 
 def test_refusals(zarr_cache, photos24, tmp_path):
