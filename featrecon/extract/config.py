@@ -35,8 +35,9 @@ class ExtractConfig:
     weights: str = setting("auto", help=WEIGHTS_HELP)
     size: int | None = setting(None, parse=int, help="crop size in pixels (default: the weights' own, 224)")
     dtype: str = setting("float16", choices=FEATURE_DTYPES, help="stored feature dtype")
-    codec: str = setting("zstd:1", help="compression: " + ", ".join(CODEC_CHOICES) + " (zstd up to 22: smaller; "
-                         "negative: faster; lz4 and blosc-zstd with bit-shuffle)")
+    codec: str = setting("zstd:-3", help="compression: " + ", ".join(CODEC_CHOICES) + " (zstd's negative levels "
+                         "are faster and larger, up to 22 smaller; the default was chosen by the codec table in "
+                         "benchmarks/RESULTS.md; lz4 and blosc-zstd with bit-shuffle)")
     fmt: str | None = setting(None, flag="--format", choices=FORMATS, help="default: from the --out suffix "
                               "(.h5 -> hdf5)")
     batch_size: int | None = setting(None, parse=int, help="images per forward (default: 8 on a CPU, 128 on a GPU)")
