@@ -54,7 +54,7 @@ TRAIN = [
     (["--lr", "-1"], "--lr -1.0: must be a positive number"),
     (["--weight-decay", "-1"], "--weight-decay -1.0: must be 0 or more"),
     (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
-    (["--grad-clip", "-1"], "--grad-clip -1.0: must be 0 (off) or a positive number"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be auto, 0 (off) or a positive number"),
     (["--width", "4"], "--width 4: must be auto or at least 8"),
     (["--res-scale", "0"], "--res-scale 0.0: must be auto or in (0, 1]"),
     (["--depth", "-1"], "--depth -1: must be 0 or more"),
