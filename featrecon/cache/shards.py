@@ -274,16 +274,20 @@ class ShardDecoder:
         try:
             index = self.shard_index(data, k)
         except CorruptChunk as e:
-            for r, out in zip(rows, outs):
-                out[...] = 0
-                CorruptChunk(self.name, base + r, e.why).handle(on_error)
-            return
+            return self._all_damaged(base, rows, outs, e.why, on_error)
         for r, out in zip(rows, outs):
             try:
                 self._decode_chunk(data, index[r], out, base + r)
             except CorruptChunk as e:
                 out[...] = 0
                 e.handle(on_error)
+
+    def _all_damaged(self, base: int, rows: Sequence[int], outs: Sequence[np.ndarray], why: str,
+                     on_error: Callable[[CorruptChunk], None] | None) -> None:
+        """Every row of a shard whose index is damaged: zero-filled, each reported (or raised)."""
+        for r, out in zip(rows, outs):
+            out[...] = 0
+            CorruptChunk(self.name, base + r, why).handle(on_error)
 
     def read_chunks(self, k: int, rows: Sequence[int], outs: Sequence[np.ndarray],
                     on_error: Callable[[CorruptChunk], None] | None = None) -> None:
@@ -297,10 +301,7 @@ class ShardDecoder:
         try:
             index = self._index(k, path)
         except CorruptChunk as e:
-            for r, out in zip(rows, outs):
-                out[...] = 0
-                CorruptChunk(self.name, base + r, e.why).handle(on_error)
-            return
+            return self._all_damaged(base, rows, outs, e.why, on_error)
         if index is None:
             return self.read(k, rows, outs, on_error)  # no shard object: zeros, or damage where samples are done
         fd = os.open(path, os.O_RDONLY)
