@@ -31,7 +31,7 @@ from featrecon.evaluate.config import ScoreConfig
 from featrecon.evaluate.scoring import score
 from featrecon.train.config import TrainConfig, layer_strides, resolve
 from featrecon.train.decoders import Decoder
-from featrecon.train.loop import decoder_config, fit, train_one_epoch
+from featrecon.train.loop import decoder_config, feature_encoder, fit, train_one_epoch
 from featrecon.train.samples import evaluation_indices, train_indices, validation_split
 from featrecon.train.step import Schedule, Step, step_settings
 from featrecon.train.validate import evaluate
@@ -80,7 +80,9 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
     torch.manual_seed(0)
     model = Decoder(decoder_config(cfg, meta)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    step = Step(model, opt, Schedule(cfg.lr, total=1, warmup=0), cfg, device, step_settings(cfg, device))
+    settings = step_settings(cfg, device)
+    step = Step(model, opt, Schedule(cfg.lr, total=1, warmup=0), cfg, device, settings,
+                encoder=feature_encoder(cfg, meta, settings, device))  # mse+feat's backbone, as fit builds it
     # Read as fit will read the whole train split: from RAM when it fits, else streamed (a K = 16 views
     # cache costed in RAM and streamed in training overran its budget by 18%).
     in_memory = {"yes": True, "no": False}.get(cfg.in_memory, fits_in_memory(meta, cfg.layers, len(trained)))

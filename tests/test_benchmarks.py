@@ -30,3 +30,16 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path, photo_dir):
     assert all(r["ratio"] > 0 for r in saved["models"])
     assert saved["training"]["speedup"] > 0 and saved["training"]["ratio_to_limit"] > 0
     assert (tmp_path / "res" / "latest.png").is_file() and "## 5." in (tmp_path / "res" / "latest.md").read_text()
+
+
+def test_the_quality_benchmark_costs_every_loss_as_fit_trains_it(zarr_cache, tmp_path):
+    """mse+feat needs the frozen backbone in its step: the budget's timing builds it as fit does."""
+    from benchmarks.quality import epoch_cost
+
+    from featrecon.train.config import TrainConfig
+
+    for loss in ("mse", "mse+feat"):
+        cfg = TrainConfig(cache=zarr_cache, out=tmp_path / loss, layers=("layer3",), loss=loss, width=16, batch_size=4,
+                          progress=False, eval_samples=4)
+        rate, val_seconds, n = epoch_cost(cfg, batches=2)
+        assert rate > 0 and val_seconds >= 0 and n > 0

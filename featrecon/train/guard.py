@@ -5,12 +5,15 @@ average over about the last 50 steps), an epoch whose mean loss jumps to JUMP ti
 best epoch's so far, or an epoch whose validation PSNR falls DROP_DB below the best so far
 (an update late in the epoch can wreck the weights with no step left to see it), is a
 blow-up. The run then rolls back to the weights and optimiser
-state it had at the start of that epoch and redoes the epoch at LR_FACTOR of the learning
-rate it was using; each rollback is logged in one line and recorded in that epoch's line of
+state it had at the start of that epoch and redoes the epoch with the learning rate capped at
+LR_FACTOR of the largest rate that epoch used. The cap is a ceiling, not a scale: once the
+cosine schedule falls below it, the run follows its own schedule again, so a blow-up near the
+peak does not leave the rest of the run at half its rate (which cost layer1 0.2-0.3 dB on the
+QUALITY.md protocol). Each rollback is logged in one line and recorded in that epoch's line of
 metrics.jsonl. After MAX_ROLLBACKS the run stops, naming the epoch and the settings to try,
-with its last good checkpoint kept. The guard's state (the learning-rate scale, the recent
-level, the rollbacks) is saved in last.pt, so a resumed run is the uninterrupted one, bit for
-bit on a CPU.
+with its last good checkpoint kept. The guard's state (the cap, the recent level, the
+rollbacks) is saved in last.pt, so a resumed run is the uninterrupted one, bit for bit on a
+CPU. (Runs recorded before the cap scaled the whole schedule by `lr_scale`; they resume so.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ JUMP = 10.0  # a loss this many times its recent level is a blow-up
 DECAY = 0.98  # the recent level: an exponential average, weight 0.02 for the newest step
 WARM_STEPS = 20  # steps of a run before its recent level is trusted
 DROP_DB = 6.0  # a validation PSNR this far below the best so far is a blow-up
-LR_FACTOR = 0.5  # each rollback halves the learning rate
+LR_FACTOR = 0.5  # each rollback caps the learning rate at half the largest its epoch used
 MAX_ROLLBACKS = 3
 
 
@@ -44,11 +47,17 @@ class BlowUp(Exception):
 class Guard:
     """The guard's state, saved in last.pt."""
 
-    lr_scale: float = 1.0  # the learning rate is cfg.lr * schedule * lr_scale
+    lr_scale: float = 1.0  # runs recorded before the cap: the schedule's rate times this (new rollbacks leave it)
+    lr_cap: float | None = None  # the ceiling the rollbacks put on the learning rate (None: none yet)
     level: float = 0.0  # the recent step loss (exponential average)
     steps: int = 0  # steps seen
     best_epoch_loss: float = math.inf
     rollbacks: list[dict] = field(default_factory=list)  # one record per rollback
+
+    def bound(self, lr: float) -> float:
+        """The learning rate the run uses where its schedule says `lr`."""
+        lr *= self.lr_scale
+        return lr if self.lr_cap is None else min(lr, self.lr_cap)
 
     def check_step(self, loss: float, step: int) -> None:
         """Raise BlowUp for a blown-up step loss, else take it into the recent level."""
@@ -92,19 +101,20 @@ class Snapshot:
 
 
 def roll_back(snapshot: Snapshot, model: torch.nn.Module, opt: torch.optim.Optimizer, guard: Guard, epoch: int,
-              blow_up: BlowUp, lr: float, out) -> Guard:
-    """Restore `snapshot` for a redo of `epoch` (0-based) at a lower learning rate; the new guard
-    carries every rollback so far. Stops the run after MAX_ROLLBACKS."""
+              blow_up: BlowUp, epoch_lr: float, out) -> Guard:
+    """Restore `snapshot` for a redo of `epoch` (0-based) with the learning rate capped at LR_FACTOR of
+    `epoch_lr`, the largest rate the epoch used; the new guard carries every rollback so far. Stops the
+    run after MAX_ROLLBACKS."""
     record = {"epoch": epoch + 1, "where": blow_up.where, "loss": blow_up.loss, "level": blow_up.level,
-              "lr_scale": guard.lr_scale * LR_FACTOR}
+              "lr_cap": LR_FACTOR * epoch_lr}
     rollbacks = [*guard.rollbacks, record]
     if len(rollbacks) > MAX_ROLLBACKS:
         raise FeatreconError(
-            f"the loss blew up at epoch {epoch + 1} ({blow_up}) after {MAX_ROLLBACKS} rollbacks that halved the "
-            f"learning rate to {guard.lr_scale:g} of its schedule; stopped, the last good checkpoint is kept in {out}. "
-            f"Try a lower --lr (e.g. {lr * guard.lr_scale:.1g}), --grad-clip 0.5, or a longer --warmup (e.g. 0.2)")
+            f"the loss blew up at epoch {epoch + 1} ({blow_up}) after {MAX_ROLLBACKS} rollbacks that capped the "
+            f"learning rate at {epoch_lr:.3g}; stopped, the last good checkpoint is kept in {out}. "
+            f"Try a lower --lr (e.g. {epoch_lr:.1g}), --grad-clip 0.5, or a longer --warmup (e.g. 0.2)")
     model.load_state_dict(snapshot.model)
     opt.load_state_dict(copy.deepcopy(snapshot.optimizer))
     restored = Guard.from_state(snapshot.guard)
-    restored.lr_scale, restored.rollbacks = record["lr_scale"], rollbacks
+    restored.lr_cap, restored.rollbacks = record["lr_cap"], rollbacks
     return restored

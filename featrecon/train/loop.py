@@ -141,10 +141,12 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
                     scores = validate_epoch(run)
                     step.guard.check_validation(scores[0], progress.best)
                 except BlowUp as e:
-                    step.guard = roll_back(start, run.model, run.opt, step.guard, epoch, e, run.cfg.lr, run.cfg.out)
-                    step.steps_done = epoch * len(run.loader)
-                    log.warning("epoch %d/%d: the loss blew up (%s); rolled back to the epoch's start, redoing it at "
-                                "%g of the learning rate", epoch + 1, run.cfg.epochs, e, step.guard.lr_scale)
+                    steps = range(epoch * len(run.loader), (epoch + 1) * len(run.loader))
+                    step.guard = roll_back(start, run.model, run.opt, step.guard, epoch, e, step.epoch_peak(steps),
+                                           run.cfg.out)
+                    step.steps_done = steps.start
+                    log.warning("epoch %d/%d: the loss blew up (%s); rolled back to the epoch's start, redoing it with "
+                                "the learning rate capped at %.3g", epoch + 1, run.cfg.epochs, e, step.guard.lr_cap)
                     continue
                 progress.guard = step.guard
                 row = epoch_row(run, epoch, stats, scores, step.lr, step.guard)
@@ -294,7 +296,7 @@ def validate_epoch(run: Run) -> tuple[float, float]:
 def epoch_row(run: Run, epoch: int, stats: dict, scores: tuple[float, float], lr: float, guard: Guard) -> dict:
     """metrics.jsonl's line for an epoch, with the rollbacks the guard made in it (see `guard`)."""
     return {"epoch": epoch + 1, "loss": stats["loss"], "psnr": scores[0], "psnr_on": run.eval_on, "ssim": scores[1],
-            "lr": lr, "lr_scale": guard.lr_scale, "rollbacks": [r for r in guard.rollbacks if r["epoch"] == epoch + 1],
+            "lr": lr, "lr_cap": guard.lr_cap, "rollbacks": [r for r in guard.rollbacks if r["epoch"] == epoch + 1],
             "samples_per_s": stats["samples_per_s"], "data_wait": stats["data_wait"],
             "seconds": stats["seconds"], "corrupt_skipped": len(run.loader.corrupt | run.eval_loader.corrupt)}
 

@@ -42,9 +42,6 @@ class Schedule:
     def lr(self, step: int) -> float:
         return self.peak * self.factor(step)
 
-    def set(self, opt: torch.optim.Optimizer, step: int, scale: float = 1.0) -> None:
-        for group in opt.param_groups:
-            group["lr"] = self.lr(step) * scale
 
 
 def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, feats: list[torch.Tensor] | None = None,
@@ -199,7 +196,8 @@ class Step:
         loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.schedule.set(self.opt, self.steps_done, self.guard.lr_scale)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
         self.opt.step()
         self.steps_done += 1
         return loss
@@ -207,7 +205,11 @@ class Step:
     @property
     def lr(self) -> float:
         """The learning rate of the next step."""
-        return self.schedule.lr(self.steps_done) * self.guard.lr_scale
+        return self.guard.bound(self.schedule.lr(self.steps_done))
+
+    def epoch_peak(self, steps: range) -> float:
+        """The largest learning rate the run uses over `steps`."""
+        return max(self.guard.bound(self.schedule.lr(s)) for s in steps)
 
 
 def random_crop(feats: list[torch.Tensor], target: torch.Tensor, crop: int, strides: list[int],

@@ -1,4 +1,4 @@
-"""The divergence guard: a blow-up rolls back to the epoch's start and goes on at a lower
+"""The divergence guard: a blow-up rolls back to the epoch's start and goes on under a lower
 learning rate, is recorded, survives a resume bit for bit, and stops the run after a few."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from featrecon.evaluate.scoring import score
 from featrecon.train import loop
 from featrecon.train import step as step_module
 from featrecon.train.config import TrainConfig
-from featrecon.train.guard import JUMP, WARM_STEPS, BlowUp, Guard
+from featrecon.train.guard import JUMP, WARM_STEPS, BlowUp, Guard, Snapshot, roll_back
 from featrecon.train.loop import fit, train_one_epoch
 
 
@@ -43,6 +43,18 @@ def test_the_guard_flags_jumps_and_non_finite_losses_only():
     assert Guard.from_state(g.state()) == g and Guard.from_state(None) == Guard()
 
 
+def test_a_rollback_caps_the_rate_at_half_its_epochs_peak_and_the_schedule_takes_over_below_the_cap():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    start = Snapshot.take(model, opt, Guard())
+    g = roll_back(start, model, opt, Guard(), 5, BlowUp("step 3", 1e6, 1.0), 2e-3, "out")
+    assert g.lr_cap == 1e-3 and g.rollbacks[0]["epoch"] == 6 and g.lr_scale == 1.0
+    assert g.bound(3e-3) == 1e-3 and g.bound(5e-4) == 5e-4  # a ceiling: below it, the schedule as it was
+    g = roll_back(start, model, opt, g, 6, BlowUp("step 9", 1e6, 1.0), g.bound(3e-3), "out")
+    assert g.lr_cap == 5e-4 and len(g.rollbacks) == 2
+    assert Guard(lr_scale=0.5).bound(2e-3) == 1e-3  # a run recorded before the cap resumes as it ran
+
+
 def spike_at(monkeypatch, calls_to_spike: set[int]):
     """compute_loss, with the loss of the given calls multiplied by 1e6 (as a blown-up step gives)."""
     real, calls = step_module.compute_loss, {"n": 0}
@@ -62,10 +74,13 @@ def test_a_blow_up_rolls_back_redoes_the_epoch_at_half_the_rate_and_resumes_bit_
     fit(tcfg(zarr_cache, whole, epochs=8))
     history = rows(whole)
     hit = [r for r in history if r["rollbacks"]]
-    assert len(hit) == 1 and hit[0]["rollbacks"][0]["where"].startswith("step ") and hit[0]["lr_scale"] == 0.5
-    assert all(r["lr_scale"] == (1.0 if r["epoch"] < hit[0]["epoch"] else 0.5) for r in history)
+    assert len(hit) == 1 and hit[0]["rollbacks"][0]["where"].startswith("step ")
+    cap = hit[0]["lr_cap"]
+    assert hit[0]["rollbacks"][0]["lr_cap"] == cap and 0 < cap <= 0.5 * 3e-3
+    assert all(r["lr_cap"] == (None if r["epoch"] < hit[0]["epoch"] else cap) for r in history)
+    assert all(r["lr"] <= cap for r in history if r["epoch"] >= hit[0]["epoch"])
     last = torch.load(whole / "last.pt", weights_only=False)
-    assert last["guard"]["lr_scale"] == 0.5 and len(last["guard"]["rollbacks"]) == 1
+    assert last["guard"]["lr_cap"] == cap and last["guard"]["lr_scale"] == 1.0 and len(last["guard"]["rollbacks"]) == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     # The same run killed after the rollback's epoch and resumed: the same weights and losses.
     spike_at(monkeypatch, {22})
@@ -104,7 +119,7 @@ def test_a_learning_rate_far_too_high_for_a_few_steps_is_caught_and_the_run_stil
     out = tmp_path / "runs" / "hot"
     fit(tcfg(zarr_cache, out, epochs=10))
     history = rows(out)
-    assert sum(len(r["rollbacks"]) for r in history) >= 1 and history[-1]["lr_scale"] < 1
+    assert sum(len(r["rollbacks"]) for r in history) >= 1 and history[-1]["lr_cap"] is not None
     assert "rolled back to the epoch's start" in caplog.text
     last = torch.load(out / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in last["model"].values())
@@ -118,4 +133,4 @@ def test_blow_ups_that_keep_coming_stop_the_run_in_one_line(zarr_cache, tmp_path
     with pytest.raises(FeatreconError, match=r"blew up at epoch \d+ .*after 3 rollbacks.*kept in .*--lr.*--grad-clip"):
         fit(tcfg(zarr_cache, tmp_path / "r", epochs=10))
     last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in last["model"].values()) and last["guard"]["lr_scale"] == 1.0
+    assert all(torch.isfinite(v).all() for v in last["model"].values()) and last["guard"]["lr_cap"] is None
