@@ -35,7 +35,6 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path, photo_dir):
 def test_the_quality_benchmark_costs_every_loss_as_fit_trains_it(zarr_cache, tmp_path):
     """mse+feat needs the frozen backbone in its step: the budget's timing builds it as fit does."""
     from benchmarks.quality import epoch_cost
-
     from featrecon.train.config import TrainConfig
 
     for loss in ("mse", "mse+feat"):
