@@ -43,7 +43,6 @@ class Schedule:
         return self.peak * self.factor(step)
 
 
-
 def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, feats: list[torch.Tensor] | None = None,
                  encoder=None) -> torch.Tensor:
     """The training loss of [0, 1] reconstructions `pred` of `target`; for mse+feat, `encoder` (the frozen

@@ -67,7 +67,7 @@ def spike_at(monkeypatch, calls_to_spike: set[int]):
     monkeypatch.setattr(step_module, "compute_loss", spiking)
 
 
-def test_a_blow_up_rolls_back_redoes_the_epoch_at_half_the_rate_and_resumes_bit_for_bit(zarr_cache, tmp_path,
+def test_a_blow_up_rolls_back_redoes_the_epoch_under_a_capped_rate_and_resumes_bit_for_bit(zarr_cache, tmp_path,
                                                                                       monkeypatch):
     spike_at(monkeypatch, {22})  # just after the guard's warm-up of 20 steps
     whole = tmp_path / "whole"
