@@ -36,6 +36,9 @@ from .plan import SHUFFLES, Block, blocks, epoch_plan, steps_per_epoch
 
 log = logging.getLogger(__name__)
 REMOTE_THREADS = 32  # shard reads in flight on an object store
+# The global shuffle reads at least this many samples ahead of the consumer: with small batches,
+# twice the threads' worth of batches left the readers idle between batches (benchmarks/DESIGN.md).
+AHEAD_SAMPLES = 128
 
 
 @dataclass
@@ -154,7 +157,10 @@ class CacheLoader:
         self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, max(1, window)
         # An object store answers each read after a round trip: many reads in flight hide it.
         self.threads = max(1, threads or (REMOTE_THREADS if remote.is_url(path) else default_threads()))
-        self.prefetch = max(1, prefetch or 2 * self.threads)  # shards read ahead of the consumer
+        # Read ahead of the consumer: batches (the global shuffle), else shards.
+        by_batch = self.mode == "global" and shuffle
+        self.prefetch = max(1, prefetch or (max(2 * self.threads, -(-AHEAD_SAMPLES // batch_size)) if by_batch
+                                            else 2 * self.threads))
         self.names = [S.feature_path(l) for l in self.layers] + [S.IMAGES]
         self._store: CacheStore | None = None
         self._readers: dict | None = None
@@ -167,6 +173,8 @@ class CacheLoader:
         self.in_memory = bool(fits_in_memory(meta, self.layers, len(self.indices)) if in_memory == "auto" else in_memory)
         self._ram: dict[str, torch.Tensor] | None = None
         self.blocks = blocks(self.indices, meta.shard_size)
+        # Block b's rows are self.indices[offsets[b]: offsets[b + 1]] (the blocks hold the sorted indices).
+        self.offsets = np.cumsum([0] + [len(b.rows) for b in self.blocks])
 
     @property
     def corrupt(self) -> set[int]:
@@ -246,6 +254,7 @@ class CacheLoader:
         """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each batch's samples
         grouped by shard and their chunks read on the pool (a few tasks per batch)."""
         order, seq = self.plan(epoch)
+        block_at = np.asarray(order, dtype=np.int64)
         bs = self.batch_size
         starts = range(0, len(seq), bs)
         pool = self._executor()
@@ -272,7 +281,7 @@ class CacheLoader:
                 nxt = next(following, None)
                 if nxt is not None:
                     ahead.append(submit(nxt))
-                yield buffers, self._sample_indices(order, part)
+                yield buffers, self._sample_indices(block_at, part)
         finally:
             for _, futures, _ in ahead:
                 for f in futures:
@@ -282,17 +291,20 @@ class CacheLoader:
                        order: list[int]) -> None:
         """Decode, for each (block position, [(row, batch slot)]), those rows' chunks of every array."""
         try:
+            arrays = {name: buffers[name].numpy() for name in self.names}  # numpy rows: torch's indexing is slower
+            on_error = self.damage.on_error()
             for p, pairs in items:
                 block = self.blocks[order[p]]
                 rows = [int(block.rows[r]) for r, _ in pairs]
                 for name in self.names:
-                    self._reader(name).read_chunks(block.k, rows, [buffers[name][j].numpy() for _, j in pairs],
-                                                   on_error=self.damage.on_error())
+                    out = arrays[name]
+                    self._reader(name).read_chunks(block.k, rows, [out[j] for _, j in pairs], on_error=on_error)
         except CorruptChunk as e:
             raise self.damage.error(e) from None
 
     def _stream_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
         order, seq = self.plan(epoch)
+        block_at = np.asarray(order, dtype=np.int64)
         bs, n = self.batch_size, len(seq)
         batch_of = np.arange(n) // bs
         # For each block (in reading order): the batch slots its rows go to, and the last
@@ -329,7 +341,7 @@ class CacheLoader:
                 part = seq[b * bs: (b + 1) * bs]
                 for p in range(int(part[:, 0].min()), int(last_block[b]) + 1):
                     futures[p].result()  # a batch is whole once every block it draws from is decoded
-                yield buffers.pop(b), self._sample_indices(order, part)
+                yield buffers.pop(b), self._sample_indices(block_at, part)
         finally:
             for f in futures:
                 f.cancel()
@@ -353,8 +365,7 @@ class CacheLoader:
         ram = self._load_ram()
         order, seq = self.plan(epoch)
         # The plan's (block, row) pairs as positions in RAM, which holds the blocks in index order.
-        offsets = np.cumsum([0] + [len(b.rows) for b in self.blocks])
-        rows = offsets[np.asarray(order, dtype=np.int64)[seq[:, 0]]] + seq[:, 1]
+        rows = self.offsets[np.asarray(order, dtype=np.int64)[seq[:, 0]]] + seq[:, 1]
         for s in range(0, len(rows), self.batch_size):
             take = torch.from_numpy(rows[s: s + self.batch_size])
             buffers = self.buffers.take(len(take))
@@ -362,10 +373,9 @@ class CacheLoader:
                 torch.index_select(ram[name], 0, take, out=buffers[name])
             yield buffers, self.indices[take.numpy()]
 
-    def _sample_indices(self, order: list[int], part: np.ndarray) -> np.ndarray:
-        """Cache indices of (position in the block order, row) pairs."""
-        return np.array([self.blocks[order[p]].start + self.blocks[order[p]].rows[r] for p, r in part.tolist()],
-                        dtype=np.int64)
+    def _sample_indices(self, order: np.ndarray, part: np.ndarray) -> np.ndarray:
+        """Cache indices of (position in the block order `order`, an array, row) pairs."""
+        return self.indices[self.offsets[order[part[:, 0]]] + part[:, 1]]
 
 
 _DONE: Future = Future()

@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from crc32c import crc32c
 
 from ..errors import CorruptChunk
 
@@ -39,11 +41,10 @@ CRC32C = {"name": "crc32c"}
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
-def _crc32c(data) -> int:
-    """crc32c of bytes or a uint8 numpy array (google_crc32c refuses memoryviews)."""
-    import google_crc32c
-
-    return google_crc32c.value(data)
+# crc32c of bytes or a uint8 numpy array. The `crc32c` package releases the GIL on large buffers,
+# so the loader's threads check their chunks at once; google_crc32c (zarr's) holds it, and was 3x
+# slower per chunk here (benchmarks/DESIGN.md).
+_crc32c = crc32c
 
 
 def numcodecs_for(spec: dict):
@@ -210,7 +211,9 @@ class ShardDecoder:
         self.fetch, self.name, self.layout = fetch, name, layout
         self.done, self.every_chunk = done, every_chunk
         self.folder = folder  # a local array's folder: single chunks can be read through each shard's index
-        self._indices: dict[int, np.ndarray | None] = {}  # shard -> its index, read once (None: no shard object)
+        self._indices: dict[int, list | None] = {}  # shard -> its index, read once (None: no shard object)
+        self._paths: dict[int, str] = {}  # shard -> its file (a local array)
+        self._local = threading.local()  # each reading thread's chunk buffer
         self._decompress: Callable | None = layout.compressor.decode if layout.compressor is not None else None
 
     def _expected(self, sample: int) -> bool:
@@ -297,7 +300,9 @@ class ShardDecoder:
         if self.folder is None:
             return self.read(k, rows, outs, on_error)
         base = k * self.layout.per_shard
-        path = self.folder / shard_key(k, len(self.layout.shape))
+        path = self._paths.get(k)
+        if path is None:  # a str, built once: pathlib's joins cost the loader's threads the GIL per read
+            path = self._paths[k] = os.path.join(self.folder, shard_key(k, len(self.layout.shape)))
         try:
             index = self._index(k, path)
         except CorruptChunk as e:
@@ -306,13 +311,12 @@ class ShardDecoder:
             return self.read(k, rows, outs, on_error)  # no shard object: zeros, or damage where samples are done
         fd = os.open(path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
             for r, out in zip(rows, outs):
-                offset, nbytes = (int(v) for v in index[r])
+                offset, nbytes = index[r]
                 try:
-                    if offset != MAX_U64 and offset + nbytes > size:
+                    chunk = self._pread(fd, nbytes, offset) if offset != MAX_U64 else None
+                    if chunk is not None and len(chunk) < nbytes:
                         raise CorruptChunk(self.name, base + r, "its chunk lies past the end of the shard file")
-                    chunk = np.frombuffer(os.pread(fd, nbytes, offset), np.uint8) if offset != MAX_U64 else None
                     self._decode_bytes(chunk, out, base + r)
                 except CorruptChunk as e:
                     out[...] = 0
@@ -320,8 +324,18 @@ class ShardDecoder:
         finally:
             os.close(fd)
 
-    def _index(self, k: int, path: Path) -> np.ndarray | None:
-        """Shard k's index (its crc32c checked), read once from the end of its file; None if no file."""
+    def _pread(self, fd: int, nbytes: int, offset: int) -> np.ndarray:
+        """nbytes at offset (fewer at the file's end), read into this thread's own buffer, reused from
+        chunk to chunk: a fresh buffer of hundreds of KB per chunk cost the loader allocations and
+        page faults."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._local.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+        return buf[: os.preadv(fd, [buf[:nbytes]], offset)]
+
+    def _index(self, k: int, path: str) -> list[list[int]] | None:
+        """Shard k's index as [offset, nbytes] pairs (its crc32c checked), read once from the end of
+        its file; None if no file."""
         if k not in self._indices:
             n_index = 16 * self.layout.per_shard + 4
             try:
@@ -332,7 +346,7 @@ class ShardDecoder:
             except FileNotFoundError:
                 self._indices[k] = None
                 return None
-            self._indices[k] = self.shard_index(tail, k).copy()
+            self._indices[k] = self.shard_index(tail, k).tolist()
         return self._indices[k]
 
     def _decode_chunk(self, data: np.ndarray, entry: np.ndarray, out: np.ndarray, sample: int) -> None:

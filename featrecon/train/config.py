@@ -88,7 +88,7 @@ class TrainConfig:
                            "(batches from 4 shards at a time, each shard read whole: for object stores), or auto "
                            "(global on a local cache, window on an object store)")
     prefetch: int | None = setting(None, parse=int, help="shards (windowed) or batches (global) read ahead of the "
-                                   "step (default: twice --read-threads)")
+                                   "step (default: twice --read-threads; global: also at least 128 samples)")
     read_threads: int | None = setting(None, parse=int, help="threads decoding the cache (default: all cores)")
     eval_samples: int = setting(64, parse=int, help="at most this many validation images for the per-epoch PSNR "
                                 "that chooses best.pt")

@@ -53,3 +53,31 @@ def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
     assert files[True] == files[False]
     with open_cache(tmp_path / "True.zarr") as st:
         np.testing.assert_array_equal(st.read("features/b", 6, 8)[1], sample(7 * 7 + 2, (2, 5, 5), np.dtype(dtype)))
+
+
+def test_single_chunk_reads_match_and_a_truncated_shard_is_named(tmp_path):
+    """The global shuffle reads single chunks through each shard's index, into each thread's reused
+    buffer: the values equal a whole-shard read, and a shard file cut short after its index was read
+    names the sample instead of decoding a short buffer."""
+    from featrecon.cache.shards import ShardDecoder, shard_key
+    from featrecon.errors import CorruptChunk
+
+    n = 8
+    meta = meta_for(n, "zstd:-3")
+    path = tmp_path / "c.zarr"
+    with create_cache(path, meta, [str(i) for i in range(n)], np.zeros(n, np.int32), np.zeros(n, np.uint8)) as store:
+        for k in meta.shards():
+            lo, hi = meta.shard_bounds(k)
+            store.write_shard(k, {"images": np.stack([sample(i, (3, 8, 8), np.uint8) for i in range(lo, hi)]),
+                                  "features/a": np.stack([sample(100 + i, (4, 3, 3), np.float16) for i in range(lo, hi)]),
+                                  "features/b": np.stack([sample(200 + i, (2, 5, 5), np.float16) for i in range(lo, hi)])},
+                              np.ones(hi - lo, np.uint8), {}, {})
+    dec = ShardDecoder.open(path / "features/b", "features/b")
+    outs = [np.empty((2, 5, 5), np.float16) for _ in range(2)]
+    dec.read_chunks(1, [2, 0], outs)  # samples 5 and 3, in the order asked
+    np.testing.assert_array_equal(outs[0], sample(205, (2, 5, 5), np.float16))
+    np.testing.assert_array_equal(outs[1], sample(203, (2, 5, 5), np.float16))
+    shard = path / "features/b" / shard_key(1, 4)
+    shard.write_bytes(shard.read_bytes()[:10])  # cut after the decoder read (and kept) its index
+    with pytest.raises(CorruptChunk, match="sample 5: its chunk lies past the end of the shard file"):
+        dec.read_chunks(1, [2], outs[:1])
