@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "latest.json"
     result = json.loads(saved.read_text()) if saved.exists() and set(args.sections) != set(SECTIONS) else {}
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="featrecon-bench-", dir=args.work))
     try:
         cache = args.cache

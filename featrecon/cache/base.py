@@ -218,6 +218,9 @@ class RowReader:
     def read_chunks(self, k: int, rows, outs, on_error=None) -> None:
         self.read(k, rows, outs, on_error)
 
+    def close(self) -> None:
+        """Release what the reader keeps open between reads (nothing by default)."""
+
 
 class SliceReader(RowReader):
     """Any backend: read shard k's samples with `store.read`, then copy the rows asked for.

@@ -39,6 +39,9 @@ REMOTE_THREADS = 32  # shard reads in flight on an object store
 # The global shuffle reads at least this many samples ahead of the consumer: with small batches,
 # twice the threads' worth of batches left the readers idle between batches (benchmarks/DESIGN.md).
 AHEAD_SAMPLES = 128
+# A batch of the global shuffle is split into tasks of at least this many samples: each task costs
+# the GIL a future and a wake-up, so small batches go to one thread each (benchmarks/DESIGN.md).
+TASK_SAMPLES = 16
 
 
 @dataclass
@@ -91,7 +94,7 @@ class BufferPool:
 
     def give_back(self, buffers: dict[str, torch.Tensor]) -> None:
         if self.reuse:
-            n = len(next(iter(buffers.values())))
+            n = next(iter(buffers.values())).shape[0]
             self._free.setdefault(n, []).append(buffers)
 
 
@@ -194,10 +197,12 @@ class CacheLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        for reader in (self._readers or {}).values():
+            reader.close()
+        self._readers = None
         if self._store is not None:
             self._store.close()
             self._store = None
-            self._readers = None
 
     # ------------------------------------------------------------------ reading
 
@@ -252,53 +257,59 @@ class CacheLoader:
 
     def _stream_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
         """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each batch's samples
-        grouped by shard and their chunks read on the pool (a few tasks per batch)."""
+        grouped by shard and their chunks read on the pool (a task per TASK_SAMPLES samples, at most
+        one per thread). What each batch reads is worked out once per epoch, in whole arrays: per
+        batch Python work is GIL time the reading threads wait for."""
         order, seq = self.plan(epoch)
-        block_at = np.asarray(order, dtype=np.int64)
+        samples = self._sample_indices(np.asarray(order, dtype=np.int64), seq)
+        shard_size = self.store.meta.shard_size
+        shards, rows = (samples // shard_size).tolist(), (samples % shard_size).tolist()
         bs = self.batch_size
         starts = range(0, len(seq), bs)
         pool = self._executor()
 
         def submit(start: int):
-            part = seq[start: start + bs]
-            buffers = self.buffers.take(len(part))
-            by_block: dict[int, list[tuple[int, int]]] = {}
-            for j, (p, r) in enumerate(part.tolist()):
-                by_block.setdefault(p, []).append((r, j))
-            items = list(by_block.items())
-            per_task = -(-len(items) // self.threads)
-            futures = [pool.submit(self._decode_chunks, items[i: i + per_task], buffers, order)
+            n = min(bs, len(seq) - start)
+            buffers = self.buffers.take(n)
+            by_shard: dict[int, tuple[list[int], list[int]]] = {}
+            for j, k, r in zip(range(n), shards[start: start + n], rows[start: start + n]):
+                entry = by_shard.get(k)
+                if entry is None:
+                    entry = by_shard[k] = ([], [])
+                entry[0].append(r)
+                entry[1].append(j)
+            items = list(by_shard.items())
+            per_task = max(-(-len(items) // self.threads), TASK_SAMPLES)
+            arrays = {name: buffers[name].numpy() for name in self.names}  # numpy rows: torch's indexing is slower
+            futures = [pool.submit(self._decode_chunks, items[i: i + per_task], arrays)
                        for i in range(0, len(items), per_task)]
-            return buffers, futures, part
+            return buffers, futures, start
 
         ahead = collections.deque(submit(s) for s in starts[: self.prefetch])
         following = iter(starts[self.prefetch:])
         try:
             while ahead:
-                buffers, futures, part = ahead.popleft()
+                buffers, futures, start = ahead.popleft()
                 for f in futures:
                     f.result()
                 nxt = next(following, None)
                 if nxt is not None:
                     ahead.append(submit(nxt))
-                yield buffers, self._sample_indices(block_at, part)
+                yield buffers, samples[start: start + bs]
         finally:
             for _, futures, _ in ahead:
                 for f in futures:
                     f.cancel()
 
-    def _decode_chunks(self, items: list[tuple[int, list[tuple[int, int]]]], buffers: dict[str, torch.Tensor],
-                       order: list[int]) -> None:
-        """Decode, for each (block position, [(row, batch slot)]), those rows' chunks of every array."""
+    def _decode_chunks(self, items: list[tuple[int, tuple[list[int], list[int]]]],
+                       arrays: dict[str, np.ndarray]) -> None:
+        """Decode, for each (shard, (rows, batch slots)), those rows' chunks of every array into the slots."""
         try:
-            arrays = {name: buffers[name].numpy() for name in self.names}  # numpy rows: torch's indexing is slower
             on_error = self.damage.on_error()
-            for p, pairs in items:
-                block = self.blocks[order[p]]
-                rows = [int(block.rows[r]) for r, _ in pairs]
-                for name in self.names:
-                    out = arrays[name]
-                    self._reader(name).read_chunks(block.k, rows, [out[j] for _, j in pairs], on_error=on_error)
+            for name in self.names:
+                reader, out = self._reader(name), arrays[name]
+                for k, (rows, slots) in items:
+                    reader.read_chunks(k, rows, [out[j] for j in slots], on_error=on_error)
         except CorruptChunk as e:
             raise self.damage.error(e) from None
 

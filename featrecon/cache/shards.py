@@ -15,7 +15,7 @@ Why our own code for a format that libraries handle (the measurements: benchmark
 - Reading: tensorstore and zarr-python (with the zarrs pipeline) both landed near 0.7
   of the codec alone, because each decodes into a buffer of its own and copies again.
   `ShardDecoder` decompresses every chunk directly into the caller's batch slot on a
-  thread pool (numcodecs releases the GIL), so the loader runs at the codec's own
+  thread pool (the codecs release the GIL), so the loader runs at the codec's own
   speed. Anything outside this one layout goes through zarr-python.
 """
 
@@ -189,6 +189,58 @@ class ShardEncoder:
         self.put(k, self.encode(values, pool))
 
 
+def _decompressor(compressor) -> Callable | None:
+    """`decompress(chunk, out)` for a layout's compressor (None: chunks stored raw)."""
+    import numcodecs
+
+    if compressor is None:
+        return None
+    if isinstance(compressor, numcodecs.Zstd):
+        return _ZstdInto().decompress
+    return lambda chunk, out: compressor.decode(chunk, out=out)
+
+
+class _ZstdInto:
+    """zstd frames decompressed straight into the caller's buffer by python-zstandard, one decompressor
+    per thread. numcodecs' Zstd.decode does the same work but first runs Python-level buffer checks
+    with the GIL held, ten times the stream reader's overhead per chunk: on 2 cores that capped the
+    loader's threads (benchmarks/DESIGN.md has the measurement). Frames written by numcodecs (and
+    zarr-python) decode the same; the writer keeps numcodecs, so the bytes stay zarr-python's."""
+
+    def __init__(self):
+        import zstandard
+
+        self._new, self._local = zstandard.ZstdDecompressor, threading.local()
+
+    def decompress(self, chunk: np.ndarray, out: np.ndarray) -> None:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = self._new()
+        target = memoryview(out).cast("B")
+        with d.stream_reader(chunk) as reader:
+            got = reader.readinto(target)
+            while 0 < got < len(target):  # a reader may hand back a frame in parts
+                more = reader.readinto(target[got:])
+                if not more:
+                    break
+                got += more
+            extra = reader.read(1)
+        if got != len(target) or extra:
+            raise ValueError(f"the frame holds {'more' if extra else got} bytes, the sample {len(target)}")
+
+
+def _keep_open() -> int:
+    """How many shard files one decoder keeps open: a sixteenth of the process's file limit, so the
+    arrays of a loader (and anything else) stay well inside it."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 16))
+
+
 def _compress_all(compress, rows) -> list:
     return [compress(v) for v in rows]
 
@@ -214,7 +266,9 @@ class ShardDecoder:
         self._indices: dict[int, list | None] = {}  # shard -> its index, read once (None: no shard object)
         self._paths: dict[int, str] = {}  # shard -> its file (a local array)
         self._local = threading.local()  # each reading thread's chunk buffer
-        self._decompress: Callable | None = layout.compressor.decode if layout.compressor is not None else None
+        self._fds: dict[int, int] = {}  # shard -> its file, kept open for single-chunk reads
+        self.keep_open = _keep_open()
+        self._decompress: Callable | None = _decompressor(layout.compressor)
 
     def _expected(self, sample: int) -> bool:
         return self.done is not None and sample < len(self.done) and bool(self.done[sample])
@@ -309,7 +363,7 @@ class ShardDecoder:
             return self._all_damaged(base, rows, outs, e.why, on_error)
         if index is None:
             return self.read(k, rows, outs, on_error)  # no shard object: zeros, or damage where samples are done
-        fd = os.open(path, os.O_RDONLY)
+        fd, kept = self._open(k, path)
         try:
             for r, out in zip(rows, outs):
                 offset, nbytes = index[r]
@@ -322,7 +376,33 @@ class ShardDecoder:
                     out[...] = 0
                     e.handle(on_error)
         finally:
+            if not kept:
+                os.close(fd)
+
+    def _open(self, k: int, path: str) -> tuple[int, bool]:
+        """A file descriptor of shard k's file, and whether it stays open: the first `keep_open` shards
+        read keep theirs until `close` (an open and a close per chunk cost the reading threads two more
+        waits for the GIL; benchmarks/DESIGN.md); never one closed while another thread reads it."""
+        fd = self._fds.get(k)
+        if fd is not None:
+            return fd, True
+        fd = os.open(path, os.O_RDONLY)
+        if len(self._fds) >= self.keep_open:
+            return fd, False
+        kept = self._fds.setdefault(k, fd)  # atomic: of two threads opening the same shard, one fd is kept
+        if kept != fd:
             os.close(fd)
+        return kept, True
+
+    def close(self) -> None:
+        """Close the shard files kept open (the decoder still reads after this, opening them again)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        if getattr(self, "_fds", None):
+            self.close()
 
     def _pread(self, fd: int, nbytes: int, offset: int) -> np.ndarray:
         """nbytes at offset (fewer at the file's end), read into this thread's own buffer, reused from
@@ -371,6 +451,6 @@ class ShardDecoder:
             if self._decompress is None:
                 out.reshape(-1).view(np.uint8)[...] = chunk
             else:
-                self._decompress(chunk, out=out)
+                self._decompress(chunk, out)
         except Exception as e:  # a damaged frame the codec itself rejects
             raise CorruptChunk(self.name, sample, f"cannot be decoded ({type(e).__name__}: {e})") from None
