@@ -261,7 +261,7 @@ class CacheLoader:
         one per thread). What each batch reads is worked out once per epoch, in whole arrays: per
         batch Python work is GIL time the reading threads wait for."""
         order, seq = self.plan(epoch)
-        samples = self._sample_indices(np.asarray(order, dtype=np.int64), seq)
+        samples = self.indices[self._positions(order, seq)]
         shard_size = self.store.meta.shard_size
         shards, rows = (samples // shard_size).tolist(), (samples % shard_size).tolist()
         bs = self.batch_size
@@ -315,7 +315,7 @@ class CacheLoader:
 
     def _stream_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
         order, seq = self.plan(epoch)
-        block_at = np.asarray(order, dtype=np.int64)
+        samples = self.indices[self._positions(order, seq)]
         bs, n = self.batch_size, len(seq)
         batch_of = np.arange(n) // bs
         # For each block (in reading order): the batch slots its rows go to, and the last
@@ -352,7 +352,7 @@ class CacheLoader:
                 part = seq[b * bs: (b + 1) * bs]
                 for p in range(int(part[:, 0].min()), int(last_block[b]) + 1):
                     futures[p].result()  # a batch is whole once every block it draws from is decoded
-                yield buffers.pop(b), self._sample_indices(block_at, part)
+                yield buffers.pop(b), samples[b * bs: (b + 1) * bs]
         finally:
             for f in futures:
                 f.cancel()
@@ -376,7 +376,7 @@ class CacheLoader:
         ram = self._load_ram()
         order, seq = self.plan(epoch)
         # The plan's (block, row) pairs as positions in RAM, which holds the blocks in index order.
-        rows = self.offsets[np.asarray(order, dtype=np.int64)[seq[:, 0]]] + seq[:, 1]
+        rows = self._positions(order, seq)
         for s in range(0, len(rows), self.batch_size):
             take = torch.from_numpy(rows[s: s + self.batch_size])
             buffers = self.buffers.take(len(take))
@@ -384,9 +384,10 @@ class CacheLoader:
                 torch.index_select(ram[name], 0, take, out=buffers[name])
             yield buffers, self.indices[take.numpy()]
 
-    def _sample_indices(self, order: np.ndarray, part: np.ndarray) -> np.ndarray:
-        """Cache indices of (position in the block order `order`, an array, row) pairs."""
-        return self.indices[self.offsets[order[part[:, 0]]] + part[:, 1]]
+    def _positions(self, order: list[int], seq: np.ndarray) -> np.ndarray:
+        """Where each (position in the block order, row) pair of a plan's sequence lies in the sorted
+        `indices` (which is also where RAM mode holds it)."""
+        return self.offsets[np.asarray(order, dtype=np.int64)[seq[:, 0]]] + seq[:, 1]
 
 
 _DONE: Future = Future()
