@@ -42,11 +42,16 @@ def test_loader_yields_each_train_sample_once_and_no_holdout(small_cache, in_mem
 @pytest.mark.parametrize("shuffle", ["window", "global"])
 def test_streamed_and_in_memory_batches_are_the_same_and_recycled_buffers_hold_the_right_rows(small_cache, shuffle):
     """The epoch's plan alone decides the batches: streaming and RAM give the same ones; with
-    reuse_buffers a batch's buffers are refilled only after the next batch is asked for."""
+    reuse_buffers a batch's buffers are refilled only after the next batch is asked for. Closing
+    the loader closes the shard files its readers kept open."""
+    import os
+
     with open_cache(small_cache) as store:
         feats = store.read(S.feature_path("layer1"), 0, store.meta.n)
     idx = np.arange(2, 23)
     runs = {}
+    files = (lambda: len(os.listdir("/proc/self/fd"))) if os.path.isdir("/proc/self/fd") else (lambda: 0)
+    before = files()
     for mode in (False, True):
         loader = CacheLoader(small_cache, ("layer1",), idx, batch_size=4, seed=3, window=2, in_memory=mode,
                              reuse_buffers=True, threads=2, mode=shuffle)
@@ -54,7 +59,9 @@ def test_streamed_and_in_memory_batches_are_the_same_and_recycled_buffers_hold_t
         for b in loader.epoch(2):
             assert all(np.array_equal(b.features[0][j].numpy(), feats[i]) for j, i in enumerate(b.indices.tolist()))
             seen.append(b.indices.tolist())
+        readers = dict(loader._readers or {})  # held here: close itself, not the garbage collector, closes their files
         loader.close()
+        assert files() == before and readers is not None
         runs[mode] = seen
     assert runs[False] == runs[True]
     assert sorted(sum(runs[False], [])) == idx.tolist()
