@@ -4,16 +4,19 @@ A step whose loss is not finite, or jumps to JUMP times its recent level (an exp
 average over about the last 50 steps), an epoch whose mean loss jumps to JUMP times the
 best epoch's so far, or an epoch whose validation PSNR falls DROP_DB below the best so far
 (an update late in the epoch can wreck the weights with no step left to see it), is a
-blow-up. The run then rolls back to the weights and optimiser
-state it had at the start of that epoch and redoes the epoch with the learning rate capped at
-LR_FACTOR of the largest rate that epoch used. The cap is a ceiling, not a scale: once the
-cosine schedule falls below it, the run follows its own schedule again, so a blow-up near the
-peak does not leave the rest of the run at half its rate (which cost layer1 0.2-0.3 dB on the
-QUALITY.md protocol). Each rollback is logged in one line and recorded in that epoch's line of
-metrics.jsonl. After MAX_ROLLBACKS the run stops, naming the epoch and the settings to try,
-with its last good checkpoint kept. The guard's state (the cap, the recent level, the
-rollbacks) is saved in last.pt, so a resumed run is the uninterrupted one, bit for bit on a
-CPU. (Runs recorded before the cap scaled the whole schedule by `lr_scale`; they resume so.)
+blow-up. The run then rolls back to the weights and optimiser state it had at the start of
+that epoch and redoes the epoch with the learning rate capped at LR_FACTOR of the largest
+rate that epoch used. The cap is a ceiling, not a scale, and a short one: below it the run
+follows its own schedule, and once CAP_EPOCHS epochs have passed under it (the redone one
+first) it is lifted, so a blow-up near the peak does not leave the rest of the run at a lower
+rate (both a scaled schedule and a cap kept until the schedule fell under it cost layer1
+holdout PSNR on the QUALITY.md protocol). Should the loss jump again at the full rate, the
+next rollback caps it again. Each rollback is logged in one line and recorded in that
+epoch's line of metrics.jsonl. After MAX_ROLLBACKS the run stops, naming the epoch and the
+settings to try, with its last good checkpoint kept. The guard's state (the cap and the
+epochs run under it, the recent level, the rollbacks) is saved in last.pt, so a resumed run
+is the uninterrupted one, bit for bit on a CPU. (Runs recorded before the cap scaled the
+whole schedule by `lr_scale`; they resume so.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ WARM_STEPS = 20  # steps of a run before its recent level is trusted
 DROP_DB = 6.0  # a validation PSNR this far below the best so far is a blow-up
 LR_FACTOR = 0.5  # each rollback caps the learning rate at half the largest its epoch used
 MAX_ROLLBACKS = 3
+CAP_EPOCHS = 3  # good epochs under a rollback's cap (the redone one included) before it is lifted
 
 
 class BlowUp(Exception):
@@ -53,6 +57,14 @@ class Guard:
     steps: int = 0  # steps seen
     best_epoch_loss: float = math.inf
     rollbacks: list[dict] = field(default_factory=list)  # one record per rollback
+    capped_epochs: int = 0  # good epochs run under the current cap
+
+    def epoch_done(self) -> None:
+        """A good epoch has ended: the cap is lifted after CAP_EPOCHS of them."""
+        if self.lr_cap is not None:
+            self.capped_epochs += 1
+            if self.capped_epochs >= CAP_EPOCHS:
+                self.lr_cap, self.capped_epochs = None, 0
 
     def bound(self, lr: float) -> float:
         """The learning rate the run uses where its schedule says `lr`."""
@@ -116,5 +128,5 @@ def roll_back(snapshot: Snapshot, model: torch.nn.Module, opt: torch.optim.Optim
     model.load_state_dict(snapshot.model)
     opt.load_state_dict(copy.deepcopy(snapshot.optimizer))
     restored = Guard.from_state(snapshot.guard)
-    restored.lr_cap, restored.rollbacks = record["lr_cap"], rollbacks
+    restored.lr_cap, restored.rollbacks, restored.capped_epochs = record["lr_cap"], rollbacks, 0
     return restored

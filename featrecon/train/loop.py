@@ -45,7 +45,7 @@ from .checkpoint import (
 )
 from .config import LEGACY, RESUMABLE_CHANGES, TrainConfig, layer_strides, left_to_auto, resolve
 from .decoders import Decoder, DecoderConfig, count_parameters
-from .guard import BlowUp, Guard, Snapshot, roll_back
+from .guard import CAP_EPOCHS, BlowUp, Guard, Snapshot, roll_back
 from .samples import channel_stats, evaluation_indices, train_indices, validation_split
 from .step import Schedule, Step, StepSettings, device_batches, random_crop, step_settings
 from .validate import evaluate
@@ -146,10 +146,14 @@ def _fit(cfg: TrainConfig, group: Group) -> dict:
                                            run.cfg.out)
                     step.steps_done = steps.start
                     log.warning("epoch %d/%d: the loss blew up (%s); rolled back to the epoch's start, redoing it with "
-                                "the learning rate capped at %.3g", epoch + 1, run.cfg.epochs, e, step.guard.lr_cap)
+                                "the learning rate capped at %.3g for %d epochs", epoch + 1, run.cfg.epochs, e,
+                                step.guard.lr_cap, CAP_EPOCHS)
                     continue
+                row = epoch_row(run, epoch, stats, scores, step.lr, step.guard)  # the cap this epoch ran under
+                step.guard.epoch_done()
+                if row["lr_cap"] is not None and step.guard.lr_cap is None:
+                    log.info("epoch %d/%d: the learning rate cap is lifted; the schedule goes on", epoch + 1, run.cfg.epochs)
                 progress.guard = step.guard
-                row = epoch_row(run, epoch, stats, scores, step.lr, step.guard)
                 save_epoch(run, progress, progress.record(row, run.model))
                 log_epoch(run, row)
                 epoch += 1

@@ -15,7 +15,7 @@ from featrecon.evaluate.scoring import score
 from featrecon.train import loop
 from featrecon.train import step as step_module
 from featrecon.train.config import TrainConfig
-from featrecon.train.guard import JUMP, WARM_STEPS, BlowUp, Guard, Snapshot, roll_back
+from featrecon.train.guard import CAP_EPOCHS, JUMP, WARM_STEPS, BlowUp, Guard, Snapshot, roll_back
 from featrecon.train.loop import fit, train_one_epoch
 
 
@@ -43,16 +43,23 @@ def test_the_guard_flags_jumps_and_non_finite_losses_only():
     assert Guard.from_state(g.state()) == g and Guard.from_state(None) == Guard()
 
 
-def test_a_rollback_caps_the_rate_at_half_its_epochs_peak_and_the_schedule_takes_over_below_the_cap():
+def test_a_rollback_caps_the_rate_at_half_its_epochs_peak_for_a_few_epochs_and_the_schedule_takes_over():
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.AdamW(model.parameters())
     start = Snapshot.take(model, opt, Guard())
     g = roll_back(start, model, opt, Guard(), 5, BlowUp("step 3", 1e6, 1.0), 2e-3, "out")
     assert g.lr_cap == 1e-3 and g.rollbacks[0]["epoch"] == 6 and g.lr_scale == 1.0
     assert g.bound(3e-3) == 1e-3 and g.bound(5e-4) == 5e-4  # a ceiling: below it, the schedule as it was
+    g.epoch_done()  # the redone epoch
     g = roll_back(start, model, opt, g, 6, BlowUp("step 9", 1e6, 1.0), g.bound(3e-3), "out")
-    assert g.lr_cap == 5e-4 and len(g.rollbacks) == 2
+    assert g.lr_cap == 5e-4 and len(g.rollbacks) == 2 and g.capped_epochs == 0  # a new cap counts afresh
+    for _ in range(CAP_EPOCHS - 1):
+        g.epoch_done()
+        assert g.lr_cap == 5e-4
+    g.epoch_done()
+    assert g.lr_cap is None and g.bound(3e-3) == 3e-3 and len(g.rollbacks) == 2  # lifted; the record stays
     assert Guard(lr_scale=0.5).bound(2e-3) == 1e-3  # a run recorded before the cap resumes as it ran
+    assert Guard.from_state({k: v for k, v in Guard().state().items() if k != "capped_epochs"}) == Guard()  # older last.pt
 
 
 def spike_at(monkeypatch, calls_to_spike: set[int]):
@@ -71,16 +78,17 @@ def test_a_blow_up_rolls_back_redoes_the_epoch_under_a_capped_rate_and_resumes_b
                                                                                       monkeypatch):
     spike_at(monkeypatch, {22})  # just after the guard's warm-up of 20 steps
     whole = tmp_path / "whole"
-    fit(tcfg(zarr_cache, whole, epochs=8))
+    fit(tcfg(zarr_cache, whole, epochs=10))
     history = rows(whole)
     hit = [r for r in history if r["rollbacks"]]
     assert len(hit) == 1 and hit[0]["rollbacks"][0]["where"].startswith("step ")
-    cap = hit[0]["lr_cap"]
+    cap, at = hit[0]["lr_cap"], hit[0]["epoch"]
     assert hit[0]["rollbacks"][0]["lr_cap"] == cap and 0 < cap <= 0.5 * 3e-3
-    assert all(r["lr_cap"] == (None if r["epoch"] < hit[0]["epoch"] else cap) for r in history)
-    assert all(r["lr"] <= cap for r in history if r["epoch"] >= hit[0]["epoch"])
+    assert at + CAP_EPOCHS <= 10  # the run goes on past the cap
+    assert all(r["lr_cap"] == (cap if at <= r["epoch"] < at + CAP_EPOCHS else None) for r in history)
+    assert all(r["lr"] <= cap for r in history if at <= r["epoch"] < at + CAP_EPOCHS)
     last = torch.load(whole / "last.pt", weights_only=False)
-    assert last["guard"]["lr_cap"] == cap and last["guard"]["lr_scale"] == 1.0 and len(last["guard"]["rollbacks"]) == 1
+    assert last["guard"]["lr_cap"] is None and last["guard"]["lr_scale"] == 1.0 and len(last["guard"]["rollbacks"]) == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     # The same run killed after the rollback's epoch and resumed: the same weights and losses.
     spike_at(monkeypatch, {22})
@@ -93,14 +101,14 @@ def test_a_blow_up_rolls_back_redoes_the_epoch_under_a_capped_rate_and_resumes_b
 
     monkeypatch.setattr(loop, "train_one_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        fit(tcfg(zarr_cache, cut, epochs=8))
+        fit(tcfg(zarr_cache, cut, epochs=10))
     monkeypatch.setattr(loop, "train_one_epoch", real)
     monkeypatch.setattr(step_module, "compute_loss", step_module.compute_loss)  # no more spikes after the cut
-    fit(tcfg(zarr_cache, cut, epochs=8, resume=True))
+    fit(tcfg(zarr_cache, cut, epochs=10, resume=True))
     resumed = torch.load(cut / "last.pt", weights_only=False)
     for k in last["model"]:
         assert torch.equal(last["model"][k], resumed["model"][k]), k
-    assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in history]
+    assert [(r["loss"], r["lr_cap"]) for r in rows(cut)] == [(r["loss"], r["lr_cap"]) for r in history]  # cap lifted alike
 
 
 def test_a_learning_rate_far_too_high_for_a_few_steps_is_caught_and_the_run_still_learns(zarr_cache, tmp_path,
@@ -119,7 +127,7 @@ def test_a_learning_rate_far_too_high_for_a_few_steps_is_caught_and_the_run_stil
     out = tmp_path / "runs" / "hot"
     fit(tcfg(zarr_cache, out, epochs=10))
     history = rows(out)
-    assert sum(len(r["rollbacks"]) for r in history) >= 1 and history[-1]["lr_cap"] is not None
+    assert sum(len(r["rollbacks"]) for r in history) >= 1 and any(r["lr_cap"] is not None for r in history)
     assert "rolled back to the epoch's start" in caplog.text
     last = torch.load(out / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in last["model"].values())
