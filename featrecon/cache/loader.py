@@ -39,8 +39,9 @@ REMOTE_THREADS = 32  # shard reads in flight on an object store
 # The global shuffle reads at least this many samples ahead of the consumer: with small batches,
 # twice the threads' worth of batches left the readers idle between batches (benchmarks/DESIGN.md).
 AHEAD_SAMPLES = 128
-# A batch of the global shuffle is split into tasks of at least this many samples: each task costs
-# the GIL a future and a wake-up, so small batches go to one thread each (benchmarks/DESIGN.md).
+# A batch of the global shuffle is split into tasks of at least this many shards (in a shuffled batch
+# nearly always one sample each): each task costs the GIL a future and a wake-up, so small batches go
+# to one thread each (benchmarks/DESIGN.md).
 TASK_SAMPLES = 16
 
 
@@ -257,8 +258,8 @@ class CacheLoader:
 
     def _stream_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
         """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each batch's samples
-        grouped by shard and their chunks read on the pool (a task per TASK_SAMPLES samples, at most
-        one per thread). What each batch reads is worked out once per epoch, in whole arrays: per
+        grouped by shard and their chunks read on the pool (a task per TASK_SAMPLES shards or more, at
+        most one per thread). What each batch reads is worked out once per epoch, in whole arrays: per
         batch Python work is GIL time the reading threads wait for."""
         order, seq = self.plan(epoch)
         samples = self.indices[self._positions(order, seq)]
