@@ -16,6 +16,7 @@ training step converts them to float32 on the device.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import threading
@@ -78,22 +79,33 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype)).dtype
 
 
+class Buffers(dict):
+    """One batch's buffers, {array name: (n, ...) tensor}, with numpy views of them (`arrays`) made once
+    per buffer: the reading threads fill numpy rows (torch's indexing is slower), and a recycled
+    buffer's `Tensor.numpy()` per batch was a tenth of the GIL time the streaming loader's threads
+    waited for (py-spy, benchmarks/DESIGN.md)."""
+
+    @functools.cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: t.numpy() for name, t in self.items()}
+
+
 class BufferPool:
-    """Batch buffers ({array name: (n, ...) tensor}), recycled when `reuse`. Fresh buffers of tens
+    """Batch buffers (`Buffers`), recycled when `reuse`. Fresh buffers of tens
     of MB come from mmap and cost a page fault per 4 KiB on first touch (benchmarks/DESIGN.md);
     pinned ones come from PyTorch's caching host allocator, which already reuses them."""
 
     def __init__(self, shapes: dict[str, tuple], pin_memory: bool, reuse: bool):
         self.shapes, self.pin_memory, self.reuse = shapes, pin_memory, reuse and not pin_memory
-        self._free: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._free: dict[int, list[Buffers]] = {}
 
-    def take(self, n: int) -> dict[str, torch.Tensor]:
+    def take(self, n: int) -> Buffers:
         if self._free.get(n):
             return self._free[n].pop()
-        return {name: torch.empty((n, *shape), dtype=torch_dtype(dtype), pin_memory=self.pin_memory)
-                for name, (shape, dtype) in self.shapes.items()}
+        return Buffers({name: torch.empty((n, *shape), dtype=torch_dtype(dtype), pin_memory=self.pin_memory)
+                        for name, (shape, dtype) in self.shapes.items()})
 
-    def give_back(self, buffers: dict[str, torch.Tensor]) -> None:
+    def give_back(self, buffers: Buffers) -> None:
         if self.reuse:
             n = next(iter(buffers.values())).shape[0]
             self._free.setdefault(n, []).append(buffers)
@@ -125,8 +137,9 @@ class CorruptSamples:
             + f"the cache is damaged: run `featrecon verify {self.path} --repair`, then the original "
             "extract-features command again" + ("" if skipped else " (or pass --skip-corrupt to leave such samples out)"))
 
-    def drop(self, buffers: dict[str, torch.Tensor], indices: np.ndarray):
-        """The batch without the samples found damaged so far (None if none is left)."""
+    def drop(self, buffers: Buffers, indices: np.ndarray):
+        """The batch without the samples found damaged so far (None if none is left): the buffers
+        themselves, or a copy of their other rows."""
         bad = np.isin(indices, list(self.found)) if self.found else None
         if bad is None or not bad.any():
             return buffers, indices
@@ -225,15 +238,16 @@ class CacheLoader:
         except CorruptChunk as e:
             raise self.damage.error(e) from None
 
-    def _batches(self, filled: Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]) -> Iterator[Batch]:
+    def _batches(self, filled: Iterator[tuple[Buffers, np.ndarray]]) -> Iterator[Batch]:
         """Batches from (buffers, indices), without the samples found damaged; each batch's buffers
         go back to the pool when the caller asks for the next one."""
         for buffers, indices in filled:
             kept = self.damage.drop(buffers, indices)
-            if kept is None:
-                continue
-            yield Batch([kept[0][n] for n in self.names[:-1]], kept[0][S.IMAGES], kept[1])
-            self.buffers.give_back(kept[0])
+            if kept is not None:
+                yield Batch([kept[0][n] for n in self.names[:-1]], kept[0][S.IMAGES], kept[1])
+            # The pool takes back the buffers it gave: a batch that lost samples was copied out of them,
+            # and a copy given back in their place (at its smaller size) was never asked for again.
+            self.buffers.give_back(buffers)
 
     def plan(self, epoch: int) -> tuple[list[int], np.ndarray]:
         """This rank's plan of `epoch` (see `plan.epoch_plan`)."""
@@ -256,7 +270,7 @@ class CacheLoader:
         return self._batches(self._stream_batches(epoch) if self.mode == "global" and self.shuffle
                              else self._stream_epoch(epoch))
 
-    def _stream_batches(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+    def _stream_batches(self, epoch: int) -> Iterator[tuple[Buffers, np.ndarray]]:
         """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each batch's samples
         grouped by shard and their chunks read on the pool (a task per TASK_SAMPLES shards or more, at
         most one per thread). What each batch reads is worked out once per epoch, in whole arrays: per
@@ -281,8 +295,7 @@ class CacheLoader:
                 entry[1].append(j)
             items = list(by_shard.items())
             per_task = max(-(-len(items) // self.threads), TASK_SAMPLES)
-            arrays = {name: buffers[name].numpy() for name in self.names}  # numpy rows: torch's indexing is slower
-            futures = [pool.submit(self._decode_chunks, items[i: i + per_task], arrays)
+            futures = [pool.submit(self._decode_chunks, items[i: i + per_task], buffers.arrays)
                        for i in range(0, len(items), per_task)]
             return buffers, futures, start
 
@@ -314,7 +327,7 @@ class CacheLoader:
         except CorruptChunk as e:
             raise self.damage.error(e) from None
 
-    def _stream_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+    def _stream_epoch(self, epoch: int) -> Iterator[tuple[Buffers, np.ndarray]]:
         order, seq = self.plan(epoch)
         samples = self.indices[self._positions(order, seq)]
         bs, n = self.batch_size, len(seq)
@@ -326,7 +339,7 @@ class CacheLoader:
             slots_of[p].append((r, s))
         last_block = np.zeros((n + bs - 1) // bs, dtype=np.int64)
         np.maximum.at(last_block, batch_of, seq[:, 0])
-        buffers: dict[int, dict[str, torch.Tensor]] = {}
+        buffers: dict[int, Buffers] = {}
         futures: list[Future] = []
         pool = self._executor()
 
@@ -343,7 +356,7 @@ class CacheLoader:
                 if b not in buffers:
                     buffers[b] = self.buffers.take(min(bs, n - b * bs))
                 for name in self.names:
-                    slots[name].append(buffers[b][name][s - b * bs].numpy())
+                    slots[name].append(buffers[b].arrays[name][s - b * bs])
             futures.append(pool.submit(self._decode, block, slots))
 
         try:
@@ -373,7 +386,7 @@ class CacheLoader:
             self._ram = ram
         return self._ram
 
-    def _memory_epoch(self, epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+    def _memory_epoch(self, epoch: int) -> Iterator[tuple[Buffers, np.ndarray]]:
         ram = self._load_ram()
         order, seq = self.plan(epoch)
         # The plan's (block, row) pairs as positions in RAM, which holds the blocks in index order.

@@ -139,3 +139,31 @@ def test_the_api_names_a_damaged_sample_by_index_and_id(damaged):
         cache.features("layer3", [i])
     msg = str(e.value)
     assert f"features/layer3, sample {i} ({sample_id})" in msg and f"featrecon verify {damaged} --repair" in msg
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_loader_skipping_a_damaged_sample_gives_every_other_sample_its_own_rows(damaged, small_cache, in_memory):
+    """--skip-corrupt in the loader: the damaged sample is in no batch of any epoch, and every other
+    sample's rows are its own, in recycled buffers too, and the batch that lost it gives its buffers
+    back to the pool (not a copy of its smaller size, which the pool kept one more of every epoch)."""
+    from featrecon.cache.loader import CacheLoader
+
+    with open_cache(small_cache) as store:
+        idx = train_indices(store, False)
+        bad = int(validation_split(store, idx, 0.05)[0][0])
+        want = store.read(S.feature_path("layer3"), 0, store.meta.n)
+    loader = CacheLoader(damaged, ("layer3",), idx, batch_size=3, seed=1, window=2, in_memory=in_memory,
+                         reuse_buffers=True, threads=2, skip_corrupt=True, mode="global")
+    pooled = []
+    try:
+        for epoch in range(3):
+            seen = []
+            for b in loader.epoch(epoch):
+                rows = b.features[0].numpy()
+                assert all(np.array_equal(rows[j], want[i]) for j, i in enumerate(b.indices.tolist()))
+                seen += b.indices.tolist()
+            assert sorted(seen) == sorted(set(idx.tolist()) - {bad})
+            pooled.append(sum(len(v) for v in loader.buffers._free.values()))
+        assert pooled[1] == pooled[2]  # the pool holds as many buffers each epoch: none leaks
+    finally:
+        loader.close()
