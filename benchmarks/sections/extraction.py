@@ -215,4 +215,7 @@ def markdown(r: dict) -> list[str]:
 
 def _compile_s(r: dict) -> str:
     times = [x.get("compile_s", 0.0) for v in r["extraction"].values() for x in v.get("rounds", [])]
-    return f"{min(times):.0f}-{max(times):.0f} s per run" if times else "a few seconds"
+    if not times:
+        return "a few seconds"
+    low, high = f"{min(times):.0f}", f"{max(times):.0f}"
+    return f"{low} s per run" if low == high else f"{low}-{high} s per run"
