@@ -12,6 +12,7 @@ import torch
 from featrecon.errors import FeatreconError
 from featrecon.evaluate.config import ScoreConfig
 from featrecon.evaluate.scoring import score
+from featrecon.train import guard as guard_module
 from featrecon.train import loop
 from featrecon.train import step as step_module
 from featrecon.train.config import TrainConfig
@@ -138,7 +139,30 @@ def test_a_learning_rate_far_too_high_for_a_few_steps_is_caught_and_the_run_stil
 
 def test_blow_ups_that_keep_coming_stop_the_run_in_one_line(zarr_cache, tmp_path, monkeypatch):
     spike_at(monkeypatch, set(range(21, 1000)))  # every step after the warm-up
-    with pytest.raises(FeatreconError, match=r"blew up at epoch \d+ .*after 3 rollbacks.*kept in .*--lr.*--grad-clip"):
+    with pytest.raises(FeatreconError,
+                       match=r"blew up at epoch \d+ .*after 3 rollbacks of this epoch.*kept in .*--lr.*--grad-clip"):
         fit(tcfg(zarr_cache, tmp_path / "r", epochs=10))
     last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in last["model"].values()) and last["guard"]["lr_cap"] is None
+
+
+def test_blow_ups_at_different_epochs_that_train_through_do_not_stop_the_run(zarr_cache, tmp_path, monkeypatch):
+    """Four blow-ups, each in another epoch and each trained through once capped: more than
+    MAX_ROLLBACKS in all, but none of them an epoch that keeps blowing up, so the run finishes."""
+    spike_at(monkeypatch, {22, 42, 62, 82})
+    out = tmp_path / "r"
+    fit(tcfg(zarr_cache, out, epochs=30))
+    history = rows(out)
+    hit = [r["epoch"] for r in history for _ in r["rollbacks"]]
+    assert len(hit) == 4 > guard_module.MAX_ROLLBACKS and len(set(hit)) == 4 and history[-1]["epoch"] == 30
+
+
+def test_a_run_that_blows_up_at_epoch_after_epoch_stops_after_its_tenth_rollback(zarr_cache, tmp_path, monkeypatch):
+    spike_at(monkeypatch, set(range(22, 400, 9)))  # a blow-up every two or three epochs, each trained through
+    n = guard_module.MAX_RUN_ROLLBACKS
+    with pytest.raises(FeatreconError, match=rf"after {n} rollbacks in this run \(at epochs [\d, ]+\)"
+                                             r".*kept in .*--lr.*--grad-clip"):
+        fit(tcfg(zarr_cache, tmp_path / "r", epochs=60))
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    assert len(last["guard"]["rollbacks"]) == n
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
