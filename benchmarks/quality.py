@@ -60,6 +60,7 @@ VARIANTS = {  # changes from the defaults; every variant standardises its inputs
     "grad clip 0.5": dict(grad_clip=0.5),
     "mse+feat loss (feature weight 0.1)": dict(loss="mse+feat"),
     "no grad clip (stem and layer1's default until 2026-12-02)": dict(grad_clip=0.0),
+    "bf16 autocast": dict(precision="bf16"),
 }
 
 
@@ -95,9 +96,9 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
         rate = train_one_epoch(step, loader, 1, cfg, device, strides)["samples_per_s"]
         if not len(val):
             return rate, 0.0, len(trained)
-        evaluate(model, val_loader, device, exact=False)  # the first pass also loads the images into RAM
-        t0 = time.perf_counter()
-        evaluate(model, val_loader, device, exact=False)
+        evaluate(model, val_loader, device, exact=False, autocast=settings.autocast)  # the first pass also loads
+        t0 = time.perf_counter()                                                      # the images into RAM
+        evaluate(model, val_loader, device, exact=False, autocast=settings.autocast)
         return rate, time.perf_counter() - t0, len(trained)
     finally:
         loader.close()
@@ -121,6 +122,7 @@ def run_variant(cache: Path, layer: str, name: str, settings: dict, minutes: flo
         fit(cfg)
     except FeatreconError as e:  # the guard gave up: the row says so, with the last good checkpoint scored
         stopped = str(e)
+        log.warning("%s / %s: %s", layer, name, stopped)
     seconds = time.perf_counter() - t0
     guard = torch.load(out / "last.pt", weights_only=False).get("guard", {})
     log.info("%s / %s: %d epochs in %.0f s (budget %.0f s), %d rollbacks", layer, name, epochs, seconds, minutes * 60,

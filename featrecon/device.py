@@ -18,3 +18,15 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FeatreconError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX
+    (oneDNN's bf16 convolutions). Without either, bf16 on a CPU is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    # torch.cpu's probes are private; a torch without them reads as "no" (fp32, the safe default).
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p is not None and p() for p in probes)

@@ -42,3 +42,13 @@ def test_the_quality_benchmark_costs_every_loss_as_fit_trains_it(zarr_cache, tmp
                           progress=False, eval_samples=4)
         rate, val_seconds, n = epoch_cost(cfg, batches=2)
         assert rate > 0 and val_seconds >= 0 and n > 0
+
+
+def test_the_precision_benchmark_times_both_precisions_on_the_training_loop(zarr_cache, tmp_path, capsys):
+    from benchmarks.precision import main
+
+    main(["--cache", str(zarr_cache), "--layers", "layer3", "--rounds", "2", "--json", str(tmp_path / "p.json")])
+    (res,) = json.loads((tmp_path / "p.json").read_text())
+    assert res["layer"] == "layer3" and [len(res["runs"][p]) for p in ("fp32", "bf16")] == [2, 2]
+    assert all(r["samples_s"] > 0 and r["validation_s"] >= 0 for p in ("fp32", "bf16") for r in res["runs"][p])
+    assert res["train_speedup"] > 0 and "| layer3 |" in capsys.readouterr().out

@@ -77,8 +77,10 @@ class TrainConfig:
                                  "of a layer3 decoder late in training; benchmarks/QUALITY.md)")
     seed: int = setting(0, parse=int, help="decoder initialisation and data order")
     device: str = setting("auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    precision: str = setting("auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on a CPU "
-                             "(benchmarks/RESULTS.md: bf16 is slow on a CPU)")
+    precision: str = setting("auto", choices=PRECISIONS, help="bf16 autocast of the decoder's forward (training and "
+                             "per-epoch validation; score measures in fp32) or fp32. auto: bf16 on CUDA and on a CPU "
+                             "with bf16 instructions (AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated "
+                             "and slow (benchmarks/DESIGN.md)")
     compile: str = setting("auto", choices=COMPILE_CHOICES, help="torch.compile the decoder (auto: on CUDA; "
                            "eager, with a warning, if compiling fails)")
     in_memory: str = setting("auto", choices=IN_MEMORY, help="load the training arrays into RAM once (auto: when "
@@ -220,4 +222,5 @@ def resolve(cfg: TrainConfig, meta: CacheMeta) -> TrainConfig:
 
 def left_to_auto(cfg: TrainConfig) -> frozenset[str]:
     """The settings `cfg` leaves to auto (before `resolve`): a resumed run keeps what it recorded for them."""
-    return frozenset([k for k in AUTO_SETTINGS if getattr(cfg, k) is None] + (["shuffle"] if cfg.shuffle == "auto" else []))
+    return frozenset([k for k in AUTO_SETTINGS if getattr(cfg, k) is None]
+                     + [k for k in ("shuffle", "precision") if getattr(cfg, k) == "auto"])

@@ -47,7 +47,7 @@ from .config import LEGACY, RESUMABLE_CHANGES, TrainConfig, layer_strides, left_
 from .decoders import Decoder, DecoderConfig, count_parameters
 from .guard import CAP_EPOCHS, BlowUp, Guard, Snapshot, roll_back
 from .samples import channel_stats, evaluation_indices, train_indices, validation_split
-from .step import Schedule, Step, StepSettings, device_batches, random_crop, step_settings
+from .step import Schedule, Step, StepSettings, auto_precision, device_batches, random_crop, step_settings
 from .validate import evaluate
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
     auto = left_to_auto(cfg)
     cfg = resolve(cfg, store.meta)
     resume_from = _check_run_folder(cfg, fp, auto)  # every rank reads the same last.pt
-    cfg = settled(cfg, auto, resume_from)
+    cfg = settled(cfg, auto, resume_from, device)
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = decoder_config(cfg, store.meta)
     group.barrier()  # ... before rank 0 writes anything
@@ -288,7 +288,8 @@ def validate_epoch(run: Run) -> tuple[float, float]:
     stop at the same epoch."""
     scores = None
     if run.group.main:
-        ev = evaluate(run.model, run.eval_loader, run.group.device, exact=False)  # float32 SSIM: a monitor
+        # float32 SSIM, the forward under the training's autocast: a monitor (score measures in fp32)
+        ev = evaluate(run.model, run.eval_loader, run.group.device, exact=False, autocast=run.settings.autocast)
         scores = (float(np.mean(ev["psnr"])), float(np.mean(ev["ssim"]))) if len(ev["psnr"]) else None
     scores = run.group.broadcast(scores)
     if scores is None:  # every evaluation sample left out as corrupt
@@ -380,17 +381,21 @@ def _check_run_folder(cfg: TrainConfig, fp: str, auto: frozenset[str] = frozense
     return ckpt
 
 
-def settled(cfg: TrainConfig, auto: frozenset[str], resume_from: dict | None) -> TrainConfig:
+def settled(cfg: TrainConfig, auto: frozenset[str], resume_from: dict | None, device: torch.device) -> TrainConfig:
     """cfg with the settings left to auto as a resumed run recorded them (a default changed since does
-    not change a run; a run from before a setting existed reads it as LEGACY says), and --shuffle auto
-    resolved for a new run: global on a local cache, window on an object store (one request per chunk
-    is slow there)."""
+    not change a run; a run from before a setting existed reads it as LEGACY says), and for a new run
+    --shuffle auto resolved (global on a local cache, window on an object store: one request per
+    chunk is slow there) and --precision auto (`auto_precision`). A run recorded with precision
+    "auto" predates its resolution and trained with that day's rule: bf16 on CUDA, fp32 on a CPU."""
     if resume_from is not None:
         old = resume_from["train_config"]
         kept = {k: old.get(k, LEGACY.get(k)) for k in auto}
         cfg = replace(cfg, **{k: v for k, v in kept.items() if v is not None and v != "auto"})
     if cfg.shuffle == "auto":
         cfg = replace(cfg, shuffle="window" if is_url(cfg.cache) else "global")
+    if cfg.precision == "auto":
+        old_rule = "bf16" if device.type == "cuda" else "fp32"
+        cfg = replace(cfg, precision=old_rule if resume_from is not None else auto_precision(device))
     return cfg
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.loader import Batch
+from ..device import native_bf16
 from ..metrics import ssim
 from .config import TrainConfig
 from .guard import BlowUp, Guard
@@ -141,13 +142,21 @@ class StepSettings:
     fused_adamw: bool
 
 
+def auto_precision(device: torch.device) -> str:
+    """--precision auto: bf16 where the device computes it in hardware (CUDA; a CPU with
+    AVX512-BF16 or AMX, where the decoders trained 1.6x faster than fp32), else fp32 (emulated
+    bf16 ran 8x slower). benchmarks/DESIGN.md has both measurements."""
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def step_settings(cfg: TrainConfig, device: torch.device) -> StepSettings:
-    """Defaults per device, as measured (benchmarks/DESIGN.md): on a CPU fp32, eager and
-    channels-last (oneDNN's NHWC convolutions were faster; bf16 autocast was far slower and
-    torch.compile gave nothing on 2 cores). On CUDA bf16, channels-last (tensor-core
+    """Defaults per device, as measured (benchmarks/DESIGN.md): on a CPU eager and channels-last
+    (oneDNN's NHWC convolutions were faster; torch.compile gave nothing on 2 cores), bf16 autocast
+    where the CPU has bf16 instructions (`auto_precision`). On CUDA bf16, channels-last (tensor-core
     convolutions), fused AdamW and a compiled step are the standard fast path."""
     cuda = device.type == "cuda"
-    autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    precision = auto_precision(device) if cfg.precision == "auto" else cfg.precision
+    autocast = precision == "bf16"
     return StepSettings(autocast=autocast, channels_last=True, fused_adamw=cuda,
                         compile=cfg.compile == "yes" or (cfg.compile == "auto" and cuda))
 

@@ -27,19 +27,22 @@ def measure(pred: torch.Tensor, target: torch.Tensor, exact: bool = True) -> dic
 @torch.no_grad()
 def evaluate(model, loader: CacheLoader, device: torch.device, keep: set[int] | None = None,
              progress: bool = False, desc: str = "score", exact: bool = True, measures=(),
-             inputs: int | None = None) -> dict:
+             inputs: int | None = None, autocast: bool = False) -> dict:
     """Reconstruct every sample of `loader` and measure it (`exact`: see `measure`). Returns
     per-image arrays ('index', 'mse', 'psnr', 'ssim', and what each of `measures` adds: a callable
     (pred, target, batch) -> {name: (B,) array}) and, for indices in `keep`, the uint8
     reconstructions under 'kept' ({index: (3, H, W)}). The decoder reads the first `inputs` of the
-    loader's feature arrays (default: all); the rest are there for the measures."""
+    loader's feature arrays (default: all); the rest are there for the measures. `autocast`: the
+    decoder's forward in bf16 autocast, as training runs it (its PSNR within 0.01 dB of fp32's,
+    benchmarks/DESIGN.md); the metrics are computed in float32 or float64 either way."""
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("index", *METRICS)}
     kept = {}
     for batch in tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False):
         feats = [f.to(device).float() for f in batch.features[:inputs]]
         target = batch.images.to(device).float() / 255
-        pred = model(feats).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            pred = model(feats).float()
         found = measure(pred, target, exact)
         for m in measures:
             found.update(m(pred, target, batch))

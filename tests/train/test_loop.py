@@ -13,10 +13,11 @@ from featrecon.cache.factory import open_cache
 from featrecon.cache.loader import CacheLoader
 from featrecon.errors import FeatreconError
 from featrecon.train import loop, samples
+from featrecon.train.checkpoint import decoder_from_checkpoint
 from featrecon.train.config import TrainConfig
 from featrecon.train.loop import _fit, fit, fit_each, train_one_epoch
 from featrecon.train.samples import train_indices, validation_split
-from featrecon.train.step import random_crop
+from featrecon.train.step import auto_precision, random_crop
 from featrecon.train.validate import evaluate
 from tests.helpers import build_cache
 
@@ -73,14 +74,16 @@ def test_resume_equals_uninterrupted_run(zarr_cache, tmp_path, monkeypatch):
 
 def test_auto_settings_are_recorded_resolved_and_a_run_resumes_with_what_it_recorded(zarr_cache, tmp_path,
                                                                                       monkeypatch):
-    """--shuffle auto records global on a local cache and --grad-clip auto 0.5 for layer1. A run trained
-    under older defaults (window, no clipping) resumed with today's defaults keeps its own settings, so it
-    still equals its uninterrupted run; a setting given explicitly must match."""
+    """--shuffle auto records global on a local cache, --grad-clip auto 0.5 for layer1 and --precision
+    auto what this CPU runs fastest. A run trained under older defaults (window, no clipping, fp32)
+    resumed with today's defaults keeps its own settings, so it still equals its uninterrupted run; a
+    setting given explicitly must match."""
     fresh = tmp_path / "fresh"
     fit(tcfg(zarr_cache, fresh, epochs=1, eval_samples=4))
     recorded = json.loads((fresh / "config.json").read_text())
     assert (recorded["shuffle"], recorded["grad_clip"]) == ("global", 0.5)
-    old_defaults = dict(shuffle="window", grad_clip=0.0)
+    assert recorded["precision"] == auto_precision(torch.device("cpu"))  # resolved, never "auto"
+    old_defaults = dict(shuffle="window", grad_clip=0.0, precision="fp32")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     fit(tcfg(zarr_cache, whole, epochs=3, **old_defaults))
     real = train_one_epoch
@@ -96,7 +99,7 @@ def test_auto_settings_are_recorded_resolved_and_a_run_resumes_with_what_it_reco
     monkeypatch.undo()
     fit(tcfg(zarr_cache, cut, epochs=3, resume=True))  # today's defaults: auto
     recorded = json.loads((cut / "config.json").read_text())
-    assert (recorded["shuffle"], recorded["grad_clip"]) == ("window", 0.0)
+    assert (recorded["shuffle"], recorded["grad_clip"], recorded["precision"]) == ("window", 0.0, "fp32")
     a, b = (torch.load(p / "last.pt", weights_only=False)["model"] for p in (whole, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FeatreconError, match="settings differ.*shuffle"):
@@ -255,3 +258,19 @@ def test_the_feature_loss_trains_and_is_recorded(zarr_cache, tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["train_config"]["loss"] == "mse+feat" and ckpt["train_config"]["feat_weight"] == 0.1
+
+
+def test_validation_under_autocast_measures_within_a_hundredth_of_a_db_of_fp32(zarr_cache, tmp_path):
+    """The per-epoch validation runs the decoder's forward under the training's bf16 autocast; its
+    PSNR and SSIM must stay those of the fp32 forward (score reports fp32)."""
+    out = tmp_path / "run"
+    fit(tcfg(zarr_cache, out, epochs=2, precision="fp32"))
+    model = decoder_from_checkpoint(torch.load(out / "last.pt", weights_only=False))
+    with open_cache(zarr_cache) as store:
+        idx = train_indices(store, False)
+    loader = CacheLoader(zarr_cache, ("layer1",), idx, 4, shuffle=False, in_memory=True)
+    fp32, bf16 = (evaluate(model, loader, torch.device("cpu"), exact=False, autocast=a) for a in (False, True))
+    assert np.array_equal(fp32["index"], bf16["index"])
+    assert not np.array_equal(fp32["mse"], bf16["mse"])  # the forward did run in bf16
+    assert abs(fp32["psnr"].mean() - bf16["psnr"].mean()) < 0.01
+    assert np.abs(fp32["psnr"] - bf16["psnr"]).max() < 0.05 and np.abs(fp32["ssim"] - bf16["ssim"]).max() < 2e-3

@@ -46,11 +46,50 @@ def test_step_settings_refuse_unknown_choices(zarr_cache, tmp_path, setting, val
         fit(tcfg(zarr_cache, tmp_path / "r", **{setting: value}))
 
 
-def test_cpu_defaults_are_the_measured_ones():
-    s = step_settings(TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cpu"))
-    assert s == StepSettings(autocast=False, channels_last=True, compile=False, fused_adamw=False)
-    s = step_settings(TrainConfig(cache=None, layers=("layer1",), out=None), torch.device("cuda"))
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_cpu_defaults_are_the_measured_ones(monkeypatch, bf16_cpu):
+    from featrecon.train import step as step_module
+    real = step_module.native_bf16
+    monkeypatch.setattr(step_module, "native_bf16", lambda d: bf16_cpu if d.type == "cpu" else real(d))
+    cfg = TrainConfig(cache=None, layers=("layer1",), out=None)
+    s = step_settings(cfg, torch.device("cpu"))  # bf16 only where the CPU has bf16 instructions
+    assert s == StepSettings(autocast=bf16_cpu, channels_last=True, compile=False, fused_adamw=False)
+    s = step_settings(cfg, torch.device("cuda"))
     assert s == StepSettings(autocast=True, channels_last=True, compile=True, fused_adamw=True)
+    for asked, autocast in (("fp32", False), ("bf16", True)):  # an explicit choice wins on any CPU
+        assert step_settings(TrainConfig(cache=None, layers=("layer1",), out=None, precision=asked),
+                             torch.device("cpu")).autocast is autocast
+
+
+def test_native_bf16_reads_the_cpu_probes(monkeypatch):
+    from featrecon.device import native_bf16
+    for avx512, amx, expect in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert native_bf16(torch.device("cpu")) is expect
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert native_bf16(torch.device("cpu")) is False  # a torch without the probes: fp32, the safe choice
+    assert native_bf16(torch.device("cuda")) is True
+
+
+def test_precision_auto_is_recorded_resolved_and_a_resumed_run_keeps_what_it_trained_with(monkeypatch):
+    from featrecon.train import loop
+    from featrecon.train.config import left_to_auto
+    monkeypatch.setattr(loop, "auto_precision", lambda d: "bf16")
+    cfg = TrainConfig(cache=Path("c.zarr"), layers=("layer1",), out=Path("r"))
+    auto = left_to_auto(cfg)
+    assert "precision" in auto
+    cpu = torch.device("cpu")
+    assert loop.settled(cfg, auto, None, cpu).precision == "bf16"  # a new run: what this machine does best
+    for recorded, expect in (("fp32", "fp32"), ("bf16", "bf16"), ("auto", "fp32")):
+        # "auto" was recorded before precision was resolved, when auto meant fp32 on a CPU
+        old = {"train_config": {**cfg.to_dict(), "precision": recorded}}
+        assert loop.settled(cfg, auto, old, cpu).precision == expect
+    old = {"train_config": {**cfg.to_dict(), "precision": "auto"}}
+    assert loop.settled(cfg, auto, old, torch.device("cuda")).precision == "bf16"
+    explicit = TrainConfig(cache=Path("c.zarr"), layers=("layer1",), out=Path("r"), precision="fp32")
+    assert loop.settled(explicit, left_to_auto(explicit), None, cpu).precision == "fp32"
 
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
