@@ -96,8 +96,9 @@ def epoch_cost(cfg: TrainConfig, batches: int = 48) -> tuple[float, float, int]:
         rate = train_one_epoch(step, loader, 1, cfg, device, strides)["samples_per_s"]
         if not len(val):
             return rate, 0.0, len(trained)
-        evaluate(model, val_loader, device, exact=False, autocast=settings.autocast)  # the first pass also loads
-        t0 = time.perf_counter()                                                      # the images into RAM
+        # the first pass also loads the images into RAM
+        evaluate(model, val_loader, device, exact=False, autocast=settings.autocast)
+        t0 = time.perf_counter()
         evaluate(model, val_loader, device, exact=False, autocast=settings.autocast)
         return rate, time.perf_counter() - t0, len(trained)
     finally:

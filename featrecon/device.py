@@ -30,3 +30,8 @@ def native_bf16(device: torch.device) -> bool:
     # torch.cpu's probes are private; a torch without them reads as "no" (fp32, the safe default).
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(p is not None and p() for p in probes)
+
+
+def bf16_autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on `device` where `enabled`, else a context that changes nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

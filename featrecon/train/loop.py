@@ -15,8 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +25,6 @@ from ..cache import schema as S
 from ..cache.base import CacheStore
 from ..cache.factory import open_cache
 from ..cache.loader import CacheLoader
-from ..cache.remote import is_url
 from ..device import resolve_device
 from ..distributed import Group, join, leave
 from ..errors import FeatreconError
@@ -39,15 +37,15 @@ from .checkpoint import (
     atomic_save,
     atomic_write_text,
     best_checkpoint,
-    best_is_current,
     load_checkpoint,
     write_json,
 )
-from .config import LEGACY, RESUMABLE_CHANGES, TrainConfig, layer_strides, left_to_auto, resolve
+from .config import TrainConfig, layer_strides, left_to_auto, resolve
 from .decoders import Decoder, DecoderConfig, count_parameters
 from .guard import CAP_EPOCHS, BlowUp, Guard, Snapshot, roll_back
+from .resume import recorded_best, restore_best, run_to_resume, settled
 from .samples import channel_stats, evaluation_indices, train_indices, validation_split
-from .step import Schedule, Step, StepSettings, auto_precision, device_batches, random_crop, step_settings
+from .step import Schedule, Step, StepSettings, device_batches, random_crop, step_settings
 from .validate import evaluate
 
 log = logging.getLogger(__name__)
@@ -176,7 +174,7 @@ def prepare(cfg: TrainConfig, group: Group, store: CacheStore) -> tuple[Run, dic
     fp = S.feature_fingerprint(store.meta, list(cfg.layers))  # also checks the layers are cached
     auto = left_to_auto(cfg)
     cfg = resolve(cfg, store.meta)
-    resume_from = _check_run_folder(cfg, fp, auto)  # every rank reads the same last.pt
+    resume_from = run_to_resume(cfg, fp, auto)  # every rank reads the same last.pt
     cfg = settled(cfg, auto, resume_from, device)
     idx, val_idx = validation_split(store, train_indices(store, cfg.allow_partial), cfg.val_fraction)
     dcfg = decoder_config(cfg, store.meta)
@@ -240,9 +238,9 @@ def restore(run: Run, resume_from: dict | None) -> Progress:
                             resume_from.get("best_epoch", 0), resume_from.get("best_model"),
                             Guard.from_state(resume_from.get("guard")))
         if progress.best_model is None:  # a run written before last.pt recorded its best: take a current best.pt
-            progress.best_epoch, progress.best_model = _recorded_best(run.cfg.out, resume_from)
+            progress.best_epoch, progress.best_model = recorded_best(run.cfg.out, resume_from)
         elif run.group.main:
-            _restore_best(run.cfg.out, resume_from)
+            restore_best(run.cfg.out, resume_from)
         log.info("resuming %s after epoch %d of %d", run.cfg.out, progress.epoch, run.cfg.epochs)
     if run.group.main:
         write_json({**run.cfg.to_dict(), "decoder": asdict(run.dcfg), "fingerprint": run.fingerprint,
@@ -352,73 +350,6 @@ def stop_early(run: Run, progress: Progress) -> bool:
                  progress.best, progress.best_epoch)
         return True
     return False
-
-
-def _check_run_folder(cfg: TrainConfig, fp: str, auto: frozenset[str] = frozenset()) -> dict | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to mix runs."""
-    last = cfg.out / "last.pt"
-    existing = [p.name for p in (cfg.out / "last.pt", cfg.out / "best.pt") if p.exists()]
-    if not cfg.resume:
-        if existing:
-            raise FeatreconError(f"--out {cfg.out} already holds a run ({', '.join(existing)}); pass --resume to "
-                                 "continue it, or choose another --out")
-        return None
-    if not last.exists():
-        log.info("--resume: no %s yet, starting fresh", last)
-        return None
-    ckpt = load_checkpoint(last)
-    if ckpt["fingerprint"] != fp:
-        raise FeatreconError(f"--resume: {last} was trained on features with fingerprint {ckpt['fingerprint']}, "
-                             f"this cache gives {fp} (other weights, preprocessing or layer shapes)")
-    old, new = ckpt["train_config"], cfg.to_dict()
-    # A setting added after the run was written (grad_clip) is read as what the run trained with: its
-    # default, or where the default has changed since, the old behaviour (LEGACY).
-    defaults = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **LEGACY}
-    diffs = [k for k in new if k not in RESUMABLE_CHANGES and k not in auto and old.get(k, defaults.get(k)) != new[k]]
-    if diffs:
-        raise FeatreconError(f"--resume: settings differ from the run in {cfg.out} ({', '.join(diffs)}); "
-                             "use the same settings, or another --out")
-    return ckpt
-
-
-def settled(cfg: TrainConfig, auto: frozenset[str], resume_from: dict | None, device: torch.device) -> TrainConfig:
-    """cfg with the settings left to auto as a resumed run recorded them (a default changed since does
-    not change a run; a run from before a setting existed reads it as LEGACY says), and for a new run
-    --shuffle auto resolved (global on a local cache, window on an object store: one request per
-    chunk is slow there) and --precision auto (`auto_precision`). A run recorded with precision
-    "auto" predates its resolution and trained with that day's rule: bf16 on CUDA, fp32 on a CPU."""
-    if resume_from is not None:
-        old = resume_from["train_config"]
-        kept = {k: old.get(k, LEGACY.get(k)) for k in auto}
-        cfg = replace(cfg, **{k: v for k, v in kept.items() if v is not None and v != "auto"})
-    if cfg.shuffle == "auto":
-        cfg = replace(cfg, shuffle="window" if is_url(cfg.cache) else "global")
-    if cfg.precision == "auto":
-        old_rule = "bf16" if device.type == "cuda" else "fp32"
-        cfg = replace(cfg, precision=old_rule if resume_from is not None else auto_precision(device))
-    return cfg
-
-
-def _recorded_best(out: Path, last: dict) -> tuple[int, dict | None]:
-    """(epoch, weights) of a current best.pt of a run whose last.pt does not record them, else (0, None)."""
-    path = out / "best.pt"
-    if path.exists():
-        best = load_checkpoint(path)
-        if best_is_current(best, last):
-            return best["epoch"], best["model"]
-    return 0, None
-
-
-def _restore_best(out: Path, last: dict) -> None:
-    """On resume: best.pt as last.pt records it (a kill between the two writes can leave it behind)."""
-    if last.get("best_model") is None:
-        return
-    path = out / "best.pt"
-    if path.exists() and best_is_current(load_checkpoint(path), last):
-        return
-    log.warning("%s did not hold the best epoch that last.pt records (%d): rewritten from last.pt", path,
-                last["best_epoch"])
-    atomic_save(best_checkpoint(last), path)
 
 
 def check_in_step(model: torch.nn.Module, group: Group) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.loader import Batch
-from ..device import native_bf16
+from ..device import bf16_autocast, native_bf16
 from ..metrics import ssim
 from .config import TrainConfig
 from .guard import BlowUp, Guard
@@ -194,7 +194,7 @@ class Step:
 
     def _run(self, feats, target):
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast):
+        with bf16_autocast(self.device, self.settings.autocast):
             pred = self.forward(feats)
         loss = compute_loss(pred.float(), target, self.cfg, feats, self.encoder)
         value = loss.item()

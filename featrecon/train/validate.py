@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache.loader import CacheLoader
+from ..device import bf16_autocast
 from ..metrics import check_unit_range, mse, psnr_from_mse, ssim
 
 METRICS = ("mse", "psnr", "ssim")
@@ -41,7 +42,7 @@ def evaluate(model, loader: CacheLoader, device: torch.device, keep: set[int] | 
     for batch in tqdm(loader.epoch(0), total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False):
         feats = [f.to(device).float() for f in batch.features[:inputs]]
         target = batch.images.to(device).float() / 255
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(device, autocast):
             pred = model(feats).float()
         found = measure(pred, target, exact)
         for m in measures:

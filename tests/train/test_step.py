@@ -74,22 +74,22 @@ def test_native_bf16_reads_the_cpu_probes(monkeypatch):
 
 
 def test_precision_auto_is_recorded_resolved_and_a_resumed_run_keeps_what_it_trained_with(monkeypatch):
-    from featrecon.train import loop
+    from featrecon.train import resume
     from featrecon.train.config import left_to_auto
-    monkeypatch.setattr(loop, "auto_precision", lambda d: "bf16")
+    monkeypatch.setattr(resume, "auto_precision", lambda d: "bf16")
     cfg = TrainConfig(cache=Path("c.zarr"), layers=("layer1",), out=Path("r"))
     auto = left_to_auto(cfg)
     assert "precision" in auto
     cpu = torch.device("cpu")
-    assert loop.settled(cfg, auto, None, cpu).precision == "bf16"  # a new run: what this machine does best
+    assert resume.settled(cfg, auto, None, cpu).precision == "bf16"  # a new run: what this machine does best
     for recorded, expect in (("fp32", "fp32"), ("bf16", "bf16"), ("auto", "fp32")):
         # "auto" was recorded before precision was resolved, when auto meant fp32 on a CPU
         old = {"train_config": {**cfg.to_dict(), "precision": recorded}}
-        assert loop.settled(cfg, auto, old, cpu).precision == expect
+        assert resume.settled(cfg, auto, old, cpu).precision == expect
     old = {"train_config": {**cfg.to_dict(), "precision": "auto"}}
-    assert loop.settled(cfg, auto, old, torch.device("cuda")).precision == "bf16"
+    assert resume.settled(cfg, auto, old, torch.device("cuda")).precision == "bf16"
     explicit = TrainConfig(cache=Path("c.zarr"), layers=("layer1",), out=Path("r"), precision="fp32")
-    assert loop.settled(explicit, left_to_auto(explicit), None, cpu).precision == "fp32"
+    assert resume.settled(explicit, left_to_auto(explicit), None, cpu).precision == "fp32"
 
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
