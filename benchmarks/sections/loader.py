@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import os
 import threading
 import time
@@ -89,13 +90,17 @@ def _compressor(zarr_json: dict):
     return numcodecs.Blosc(), checksum  # blosc frames describe themselves
 
 
-def codec_limit(cache: Path, names: list[str], batch: int, threads: int, per_chunk: bool = False) -> tuple[int, float]:
+def codec_limit(cache: Path, names: list[str], batch: int, threads: int, read: str = "whole") -> tuple[int, float]:
     """(samples, seconds) for reading and decompressing every shard of `names` with the codec alone,
-    on `threads` threads, each chunk into its row of a batch-sized buffer: each shard read whole into
-    a reused buffer, or with `per_chunk` its chunks read one by one through its index into a reused
-    buffer of one chunk (which stays in the CPU's cache while the codec reads it: on layer1's 38 MB
-    shards that was faster than the whole read, and the loader reading single chunks beat a
-    whole-shard-only limit)."""
+    on `threads` threads, each chunk into its row of a batch-sized buffer. `read`: how the codec gets
+    each shard's bytes:
+    - "whole": each shard read whole into a reused buffer;
+    - "chunks": its chunks read one by one through its index into a reused buffer of one chunk (which
+      stays in the CPU's cache while the codec reads it: on layer1's 38 MB shards that was faster than
+      the whole read, and the loader reading single chunks beat a whole-shard-only limit);
+    - "mapped": each shard file mapped into memory and its chunks decompressed in place, no copy (the
+      loader reads this way since it beat the "chunks" limit); the files are mapped and their pages
+      touched before the clock starts, as in the loader's second epoch."""
     jobs = []
     for name in names:
         meta = json.loads((cache / name / "zarr.json").read_text())
@@ -104,7 +109,12 @@ def codec_limit(cache: Path, names: list[str], batch: int, threads: int, per_chu
         shape, dtype = meta["shape"][1:], np.dtype(meta["data_type"])
         tail = "/".join(["0"] * len(shape))  # shard k of an (N, ...) array is c/k/0/0/0
         for path in sorted((cache / name / "c").glob(f"*/{tail}"), key=lambda p: int(p.parts[-1 - len(shape)])):
-            jobs.append((name, path, per_shard, comp, checksum, shape, dtype))
+            mapped = None
+            if read == "mapped":
+                with open(path, "rb") as f:
+                    mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+                int(mapped[::4096].sum())  # every page touched: mapped in this process, as a loader's later epochs
+            jobs.append((name, path, mapped, per_shard, comp, checksum, shape, dtype))
     local = threading.local()  # each thread decodes into batch buffers of its own
 
     def into(size: int) -> np.ndarray:
@@ -115,25 +125,28 @@ def codec_limit(cache: Path, names: list[str], batch: int, threads: int, per_chu
         return local.raw[:size]
 
     def decode(job) -> int:
-        name, path, per_shard, comp, checksum, shape, dtype = job
+        name, path, mapped, per_shard, comp, checksum, shape, dtype = job
         buffers = local.__dict__.setdefault("buffers", {})
         if name not in buffers:
             buffers[name] = np.empty((batch, *shape), dtype)
         out = buffers[name]
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY) if mapped is None else -1
         try:
-            size, n_index = os.fstat(fd).st_size, 16 * per_shard + 4
-            if per_chunk:
-                index = np.frombuffer(os.pread(fd, n_index, size - n_index)[:-4], "<u8").reshape(-1, 2)
+            n_index = 16 * per_shard + 4
+            if mapped is not None:
+                data = mapped
+                index = data[-n_index:-4].view("<u8").reshape(-1, 2)
+            elif read == "chunks":
+                index = np.frombuffer(os.pread(fd, n_index, os.fstat(fd).st_size - n_index)[:-4], "<u8").reshape(-1, 2)
             else:
-                data = into(size)
+                data = into(os.fstat(fd).st_size)
                 data = data[: os.preadv(fd, [data], 0)]
                 index = data[-n_index:-4].view("<u8").reshape(-1, 2)
             n = 0
             for offset, nbytes in index.tolist():
                 if offset == 2**64 - 1:
                     continue
-                if per_chunk:
+                if read == "chunks":
                     chunk = into(nbytes)
                     chunk = chunk[: os.preadv(fd, [chunk], offset)]
                 else:
@@ -146,7 +159,8 @@ def codec_limit(cache: Path, names: list[str], batch: int, threads: int, per_chu
                     comp.decode(chunk, out=row)
                 n += 1
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         return n
 
     t0 = time.perf_counter()
@@ -298,7 +312,8 @@ def bench_loader(cache: Path, batch: int, passes: int, work: Path | None = None)
         n = write_npy_samples(cache, layer, npy)
         orders = {"global": [], "window": [], "npy": []}
         readers = {"limit": lambda: codec_limit(cache, names, batch, cores),
-                   "limit_chunks": lambda: codec_limit(cache, names, batch, cores, per_chunk=True),
+                   "limit_chunks": lambda: codec_limit(cache, names, batch, cores, read="chunks"),
+                   "limit_mapped": lambda: codec_limit(cache, names, batch, cores, read="mapped"),
                    "one": lambda: loader_rate(cache, layer, batch, 1),
                    "all": lambda: loader_rate(cache, layer, batch, cores, order=orders["global"]),
                    "window": lambda: loader_rate(cache, layer, batch, cores, mode="window", order=orders["window"]),
@@ -308,14 +323,15 @@ def bench_loader(cache: Path, batch: int, passes: int, work: Path | None = None)
         if importlib.util.find_spec("tensorstore") is not None:
             readers["tensorstore"] = lambda: tensorstore_rate(cache, names, cores)
         best = _interleaved(readers, passes)
-        limit = max(best["limit"], best["limit_chunks"])  # the faster way to read the shards is the limit
+        limit = max(best["limit"], best["limit_chunks"], best["limit_mapped"])  # the fastest way to read is the limit
         one, alls, ram, previous = (best[k] for k in ("one", "all", "ram", "previous"))
         ts_rate = best.get("tensorstore")
         mb = bytes_per_sample(meta, (layer,)) / 1e6
         uniform = uniform_distinct(n, meta.shard_size, batch)
         shuffle = {k: distinct_per_batch(v, meta.shard_size, batch) / uniform for k, v in orders.items()}
         out[layer] = {"codec_limit": limit, "codec_limit_whole_shards": best["limit"],
-                      "codec_limit_single_chunks": best["limit_chunks"], "loader_1_thread": one,
+                      "codec_limit_single_chunks": best["limit_chunks"], "codec_limit_mapped": best["limit_mapped"],
+                      "loader_1_thread": one,
                       "loader_all_cores": alls, "loader_in_memory": ram,
                       "loader_windowed": best["window"], "npy_dataloader": best["npy"],
                       "tensorstore": ts_rate, "zarr_python_4_threads": previous, "cores": cores, "MB_per_sample": mb,
@@ -381,15 +397,16 @@ def markdown(loader: dict, codecs: list[dict]) -> list[str]:
              "reader's second epoch (opened and its first epoch run untimed, as training reads every later epoch; "
              "the .npy DataLoader's workers persistent). *Codec limit*: the "
              "same shard files, every chunk decompressed by the codec library alone (python-zstandard) on every "
-             "core straight into a batch buffer, no checksum checked; each shard read whole into a reused buffer "
-             "or chunk by chunk through its index into a reused buffer, whichever was faster (*whole / chunks*). "
+             "core straight into a batch buffer, no checksum checked; each shard read whole into a reused buffer, "
+             "chunk by chunk through its index into a reused buffer, or mapped into memory and decompressed in "
+             "place (its pages mapped before the clock starts), whichever was fastest (*whole / chunks / mapped*). "
              "*Loader*: featrecon's, with the global shuffle (every batch from the whole set, each chunk read "
              "through its shard's index); *windowed*: batches from 4 shards at a time, each shard read whole. "
              "*.npy DataLoader*: the same samples as one .npy file per array, a torch DataLoader with 2 workers and "
              "shuffle=True. *Previous loader*: zarr-python whole-shard reads on four threads plus a copy. *Shuffle*: "
              "distinct shards per batch over a uniform draw's expectation. Targets: loader ≥ 0.8 of the limit and "
              "≥ 1.5x the .npy DataLoader, shuffle ≥ 0.8 of uniform.\n",
-             "| layer | codec limit (whole / chunks) | loader (global) | windowed | 1 thread | in memory | "
+             "| layer | codec limit (whole / chunks / mapped) | loader (global) | windowed | 1 thread | in memory | "
              ".npy DataLoader | tensorstore zarr3 | previous | loader / limit | loader / .npy | "
              "shuffle: global / windowed / .npy | MB per sample: cache / .npy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -397,7 +414,8 @@ def markdown(loader: dict, codecs: list[dict]) -> list[str]:
         ts_cell = f"{v['tensorstore']:.0f}" if v["tensorstore"] else "-"
         sh = v["shuffle_to_uniform"]
         lines.append(f"| {layer} | {v['codec_limit']:.0f} ({v['codec_limit_whole_shards']:.0f} / "
-                     f"{v['codec_limit_single_chunks']:.0f}) | {v['loader_all_cores']:.0f} "
+                     f"{v['codec_limit_single_chunks']:.0f} / {v.get('codec_limit_mapped', 0):.0f}) | "
+                     f"{v['loader_all_cores']:.0f} "
                      f"({v['loader_all_cores'] * v['MB_per_sample']:.0f} MB/s) | {v['loader_windowed']:.0f} | "
                      f"{v['loader_1_thread']:.0f} | {v['loader_in_memory']:.0f} | {v['npy_dataloader']:.0f} | "
                      f"{ts_cell} | {v['zarr_python_4_threads']:.0f} | **{v['ratio_to_limit']:.2f}** | "

@@ -1,10 +1,12 @@
 """Batches from the feature cache at the speed of the codec.
 
 Each epoch's plan (`plan`) says, before anything is read, which batch slot every sample
-goes to. A pool of `threads` threads then reads whole shards (one sequential read each,
-`prefetch` shards ahead of the consumer) and decodes every sample straight into its slot
-of the batch buffer: one decompression and no other copy on Zarr caches (see `shards`), a
-read and one copy on HDF5. The codecs release the GIL, so the rate grows with the threads.
+goes to. A pool of `threads` threads then decodes every sample straight into its slot of
+the batch buffer, `prefetch` batches (windowed: shards) ahead of the consumer: with the
+global shuffle each sample's chunk is read through its shard's index from the shard file
+mapped into memory, in the windowed shuffle each shard is read whole. One decompression and
+no other copy on Zarr caches (see `shards`), a read and one copy on HDF5. The codecs
+release the GIL, so the rate grows with the threads.
 On CUDA the batch buffers are pinned, so their copy to the device can run while the
 previous step computes (`train.step.device_batches`).
 

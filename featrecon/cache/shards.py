@@ -15,8 +15,9 @@ Why our own code for a format that libraries handle (the measurements: benchmark
 - Reading: tensorstore and zarr-python (with the zarrs pipeline) both landed near 0.7
   of the codec alone, because each decodes into a buffer of its own and copies again.
   `ShardDecoder` decompresses every chunk directly into the caller's batch slot on a
-  thread pool (the codecs release the GIL), so the loader runs at the codec's own
-  speed. Anything outside this one layout goes through zarr-python.
+  thread pool (the codecs release the GIL), single chunks in place from the mapped shard
+  file, so the loader runs at the codec's own speed. Anything outside this one layout
+  goes through zarr-python.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from crc32c import crc32c
 
 from ..errors import CorruptChunk
@@ -39,6 +41,9 @@ MAX_U64 = 2**64 - 1
 LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 CRC32C = {"name": "crc32c"}
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+# The crc32c of any bytes followed by their own crc32c (little-endian): a chunk is checked with one
+# call over all its stored bytes, no slicing off of the stored value.
+CRC32C_RESIDUE = 0x48674BC7
 
 
 # crc32c of bytes or a uint8 numpy array. The `crc32c` package releases the GIL on large buffers,
@@ -241,6 +246,45 @@ def _keep_open() -> int:
     return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 16))
 
 
+class _MapBudget:
+    """How many shard files this process keeps mapped, all decoders together: a quarter of the kernel's
+    per-process limit on mappings (vm.max_map_count), so the loader's maps leave room for everything else."""
+
+    def __init__(self):
+        try:
+            with open("/proc/sys/vm/max_map_count") as f:
+                self.left = int(f.read()) // 4
+        except (OSError, ValueError):
+            self.left = 4096
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.left <= 0:
+                return False
+            self.left -= 1
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.left += n
+
+
+_MAPS = _MapBudget()
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """A shard file mapped read-only, and what its file was when mapped (device, inode, size)."""
+
+    data: np.ndarray  # uint8 view of the whole file
+    stamp: tuple[int, int, int]
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size
+
+
 def _compress_all(compress, rows) -> list:
     return [compress(v) for v in rows]
 
@@ -268,6 +312,8 @@ class ShardDecoder:
         self._local = threading.local()  # each reading thread's chunk buffer
         self._fds: dict[int, int] = {}  # shard -> its file, kept open for single-chunk reads
         self.keep_open = _keep_open()
+        self._maps: dict[int, _Mapped | None] = {}  # shard -> its file mapped for single-chunk reads (None: not mappable)
+        self.map_files = True  # False: single chunks are read with pread only
         self._decompress: Callable | None = _decompressor(layout.compressor)
 
     def _expected(self, sample: int) -> bool:
@@ -348,9 +394,14 @@ class ShardDecoder:
 
     def read_chunks(self, k: int, rows: Sequence[int], outs: Sequence[np.ndarray],
                     on_error: Callable[[CorruptChunk], None] | None = None) -> None:
-        """As `read`, but reading only the chunks of `rows` from a local shard file (one `pread` each,
-        through the shard's index, read once per shard): for batches that take a few samples from
-        each of many shards. Falls back to `read` where the array is not a local folder."""
+        """As `read`, but reading only the chunks of `rows` from a local shard file, through the shard's
+        index (read once per shard): for batches that take a few samples from each of many shards. Falls
+        back to `read` where the array is not a local folder.
+
+        Each shard file is mapped into memory once (`_mapped`) and the codec reads its chunks in place:
+        a `pread` per chunk copied every chunk out of the page cache first, and that copy cost the
+        global shuffle a seventh of its rate on layer3 (benchmarks/DESIGN.md). Where a file cannot be
+        mapped, or has changed since it was mapped, each chunk is read with one `pread`."""
         if self.folder is None:
             return self.read(k, rows, outs, on_error)
         base = k * self.layout.per_shard
@@ -363,6 +414,18 @@ class ShardDecoder:
             return self._all_damaged(base, rows, outs, e.why, on_error)
         if index is None:
             return self.read(k, rows, outs, on_error)  # no shard object: zeros, or damage where samples are done
+        data = self._mapped(k, path)
+        if data is not None:
+            for r, out in zip(rows, outs):
+                offset, nbytes = index[r]
+                try:
+                    if offset != MAX_U64 and offset + nbytes > len(data):
+                        raise CorruptChunk(self.name, base + r, "its chunk lies past the end of the shard file")
+                    self._decode_bytes(data[offset: offset + nbytes] if offset != MAX_U64 else None, out, base + r)
+                except CorruptChunk as e:
+                    out[...] = 0
+                    e.handle(on_error)
+            return
         fd, kept = self._open(k, path)
         try:
             for r, out in zip(rows, outs):
@@ -378,6 +441,53 @@ class ShardDecoder:
         finally:
             if not kept:
                 os.close(fd)
+
+    def _mapped(self, k: int, path: str) -> np.ndarray | None:
+        """Shard k's file mapped into memory (a uint8 array), or None: mapping is off, the process's
+        mapping budget is spent, the file cannot be mapped, or it changed size in place since.
+
+        A mapped file cut short in place kills the reader (SIGBUS) when it touches a page past the new
+        end, where `pread` returns fewer bytes. featrecon never does that (its writers replace a shard
+        file whole, which leaves a mapping of the old file intact and consistent with the index read
+        from it, as an open descriptor would); against anything else that does, the file is checked
+        (one `stat`) before each read: a file whose size changed in place is read with `pread` from
+        then on, against the index first read, which names any chunk past its end."""
+        if not self.map_files:
+            return None
+        mapped = self._maps.get(k, False)
+        if mapped is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if mapped is not False:
+            if st is not None and _stamp(st)[:2] == mapped.stamp[:2] and st.st_size != mapped.stamp[2]:
+                self._unmap(k)  # the mapped file itself changed size: pread from now on
+                self._maps[k] = None
+                return None
+            return mapped.data  # the same file, or one replaced whole (the mapping still holds the old one)
+        if st is None or st.st_size == 0 or not _MAPS.take():
+            return None
+        try:
+            # torch maps the file private (nothing here writes to it) and keeps no file descriptor;
+            # Python's mmap keeps one per map before 3.13, which a 1,024-file limit would cap
+            view = torch.from_file(path, shared=False, size=st.st_size, dtype=torch.uint8).numpy()
+            if _stamp(os.stat(path)) != _stamp(st):
+                raise OSError("replaced while being mapped")
+        except (OSError, RuntimeError, ValueError):
+            _MAPS.give_back(1)
+            self._maps[k] = None
+            return None
+        kept = self._maps.setdefault(k, _Mapped(view, _stamp(st)))  # of two threads mapping one shard, one map stays
+        if kept is None or kept.data is not view:
+            _MAPS.give_back(1)
+        return kept.data if kept is not None else None
+
+    def _unmap(self, k: int) -> None:
+        """Forget shard k's mapping (unmapped once no thread still reads from it) and return its budget."""
+        if self._maps.pop(k, None) is not None:
+            _MAPS.give_back(1)
 
     def _open(self, k: int, path: str) -> tuple[int, bool]:
         """A file descriptor of shard k's file, and whether it stays open: the first `keep_open` shards
@@ -395,13 +505,16 @@ class ShardDecoder:
         return kept, True
 
     def close(self) -> None:
-        """Close the shard files kept open (the decoder still reads after this, opening them again)."""
+        """Close the shard files kept open and drop the mappings (the decoder still reads after this, opening
+        and mapping them again)."""
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+        maps, self._maps = self._maps, {}
+        _MAPS.give_back(sum(m is not None for m in maps.values()))
 
     def __del__(self):
-        if getattr(self, "_fds", None):
+        if getattr(self, "_fds", None) or getattr(self, "_maps", None):
             self.close()
 
     def _pread(self, fd: int, nbytes: int, offset: int) -> np.ndarray:
@@ -436,21 +549,32 @@ class ShardDecoder:
         self._decode_bytes(data[offset: offset + nbytes] if offset != MAX_U64 else None, out, sample)
 
     def _decode_bytes(self, chunk: np.ndarray | None, out: np.ndarray, sample: int) -> None:
-        """Check and decompress one stored chunk into `out`; None: the shard holds no chunk for it."""
+        """Decompress one stored chunk into `out` and check it; None: the shard holds no chunk for it.
+        The checksum is checked after the decompression, on bytes the codec has just brought into the
+        CPU's cache: checked first, on a chunk read in place from a mapped file, it paid for fetching
+        them from memory (benchmarks/DESIGN.md). A chunk that fails either way leaves `out` to the
+        caller, who zero-fills it; a frame the codec rejects is reported as a checksum mismatch where
+        its checksum fails too (damage, not a codec fault)."""
         if chunk is None:
             out[...] = 0
             if self.every_chunk and self._expected(sample):
                 raise CorruptChunk(self.name, sample, "missing: its chunk is absent from its shard object though "
                                    "the sample is marked done")
             return
-        if self.layout.checksum:
-            chunk, stored = chunk[:-4], int.from_bytes(chunk[-4:].tobytes(), "little")
-            if _crc32c(chunk) != stored:
-                raise CorruptChunk(self.name, sample, "checksum mismatch (crc32c)")
+        body = chunk[:-4] if self.layout.checksum else chunk
         try:
             if self._decompress is None:
-                out.reshape(-1).view(np.uint8)[...] = chunk
+                out.reshape(-1).view(np.uint8)[...] = body
             else:
-                self._decompress(chunk, out)
+                self._decompress(body, out)
         except Exception as e:  # a damaged frame the codec itself rejects
+            if self.layout.checksum and not self._sound(chunk):
+                raise CorruptChunk(self.name, sample, "checksum mismatch (crc32c)") from None
             raise CorruptChunk(self.name, sample, f"cannot be decoded ({type(e).__name__}: {e})") from None
+        if self.layout.checksum and not self._sound(chunk):
+            raise CorruptChunk(self.name, sample, "checksum mismatch (crc32c)")
+
+    @staticmethod
+    def _sound(chunk: np.ndarray) -> bool:
+        """Whether a stored chunk (its bytes, then their crc32c) passes its checksum."""
+        return len(chunk) >= 4 and _crc32c(chunk) == CRC32C_RESIDUE
