@@ -135,7 +135,8 @@ def bench_training(cache: Path, files_root: Path, ids: list[str], args, device, 
 
 
 def markdown(t: dict) -> list[str]:
-    s = ", ".join(k for k, v in t["settings"].items() if v) or "fp32, eager"
+    words = {"autocast": "bf16 autocast", "fused_adamw": "fused AdamW"}
+    s = ", ".join(words.get(k, k) for k, v in t["settings"].items() if v) or "fp32, eager"
     return ["## 4. layer3 decoder training: fed by the cache, by random tensors on the device, by JPEGs\n",
             f"train-decoder's own step ({s}), its default decoder (`{t.get('arch', 'upconv')}`, width "
             f"{t.get('width', '?')}) for layer3 on its default windows ({t.get('crop') or 'whole images'} px), batch "
