@@ -218,6 +218,10 @@ class RowReader:
     def read_chunks(self, k: int, rows, outs, on_error=None) -> None:
         self.read(k, rows, outs, on_error)
 
+    def check_mapped(self) -> None:
+        """Before an epoch: stop reading in place from any file that changed since it was mapped
+        (nothing by default; see `shards.ShardDecoder`)."""
+
     def close(self) -> None:
         """Release what the reader keeps open between reads (nothing by default)."""
 

@@ -279,6 +279,8 @@ class CacheLoader:
         batch Python work is GIL time the reading threads wait for."""
         order, seq = self.plan(epoch)
         samples = self.indices[self._positions(order, seq)]
+        for name in self.names:  # a shard file cut in place since the last epoch is not read in place again
+            self._reader(name).check_mapped()
         shard_size = self.store.meta.shard_size
         shards, rows = (samples // shard_size).tolist(), (samples % shard_size).tolist()
         bs = self.batch_size

@@ -444,30 +444,24 @@ class ShardDecoder:
 
     def _mapped(self, k: int, path: str) -> np.ndarray | None:
         """Shard k's file mapped into memory (a uint8 array), or None: mapping is off, the process's
-        mapping budget is spent, the file cannot be mapped, or it changed size in place since.
+        mapping budget is spent, the file cannot be mapped, or `check_mapped` found it changed.
 
         A mapped file cut short in place kills the reader (SIGBUS) when it touches a page past the new
-        end, where `pread` returns fewer bytes. featrecon never does that (its writers replace a shard
+        end, where `pread` returns fewer bytes. featrecon never does that: its writers replace a shard
         file whole, which leaves a mapping of the old file intact and consistent with the index read
-        from it, as an open descriptor would); against anything else that does, the file is checked
-        (one `stat`) before each read: a file whose size changed in place is read with `pread` from
-        then on, against the index first read, which names any chunk past its end."""
+        from it, as an open descriptor would. Against anything else that does, `check_mapped` looks at
+        every mapped file between epochs; a `stat` before every read would catch a cut within an epoch
+        too, but cost the global shuffle an eighth of its rate (benchmarks/DESIGN.md)."""
         if not self.map_files:
             return None
         mapped = self._maps.get(k, False)
-        if mapped is None:
-            return None
+        if mapped is not False:
+            return mapped.data if mapped is not None else None
         try:
             st = os.stat(path)
         except OSError:
-            st = None
-        if mapped is not False:
-            if st is not None and _stamp(st)[:2] == mapped.stamp[:2] and st.st_size != mapped.stamp[2]:
-                self._unmap(k)  # the mapped file itself changed size: pread from now on
-                self._maps[k] = None
-                return None
-            return mapped.data  # the same file, or one replaced whole (the mapping still holds the old one)
-        if st is None or st.st_size == 0 or not _MAPS.take():
+            return None
+        if st.st_size == 0 or not _MAPS.take():
             return None
         try:
             # torch maps the file private (nothing here writes to it) and keeps no file descriptor;
@@ -483,6 +477,22 @@ class ShardDecoder:
         if kept is None or kept.data is not view:
             _MAPS.give_back(1)
         return kept.data if kept is not None else None
+
+    def check_mapped(self) -> None:
+        """Stop reading through the mapping of any shard file whose size changed in place since it was
+        mapped (read with `pread` from then on, against the index first read, which names any chunk past
+        the new end). The loader calls this before each epoch; a read still running keeps its own
+        reference to the mapping it reads."""
+        for k, mapped in list(self._maps.items()):
+            if mapped is None:
+                continue
+            try:
+                st = os.stat(self._paths[k])
+            except OSError:
+                continue  # gone: the mapping still holds the file that was there
+            if _stamp(st)[:2] == mapped.stamp[:2] and st.st_size != mapped.stamp[2]:
+                self._unmap(k)
+                self._maps[k] = None
 
     def _unmap(self, k: int) -> None:
         """Forget shard k's mapping (unmapped once no thread still reads from it) and return its budget."""

@@ -114,3 +114,35 @@ def test_auto_shuffles_globally_on_a_local_cache_and_reads_single_chunks(zarr_ca
     loader.close()
     with pytest.raises(ValueError, match="shuffle mode 'sideways'"):
         CacheLoader(zarr_cache, ("layer3",), np.arange(4), 2, mode="sideways")
+
+
+def test_a_shard_file_cut_in_place_between_epochs_is_named_not_read_past_its_end(zarr_cache, tmp_path):
+    """The global shuffle reads chunks in place from mapped shard files. A file cut short in place
+    (something other than featrecon, which replaces files whole) would kill the process with SIGBUS at
+    the next touch past its new end; the check before each epoch finds it, and the next epoch names
+    the cache, a damaged sample and the repair command instead. A shard replaced whole keeps reading."""
+    import os
+    import shutil
+
+    from featrecon.cache.shards import shard_key
+    from featrecon.errors import FeatreconError
+
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(zarr_cache, cache)
+    loader = CacheLoader(cache, ("layer3",), np.arange(24), batch_size=4, seed=0, in_memory=False, mode="global")
+    reader = loader._reader(S.feature_path("layer3"))
+    assert sum(len(b.indices) for b in loader.epoch(0)) == 24
+    assert reader._maps and all(m is not None for m in reader._maps.values())  # read in place
+    replaced = cache / S.feature_path("layer3") / shard_key(0, 4)
+    copy = tmp_path / "whole"
+    shutil.copy(replaced, copy)
+    os.replace(copy, replaced)  # as featrecon's writers replace a file
+    assert sum(len(b.indices) for b in loader.epoch(1)) == 24
+    cut = cache / S.feature_path("layer3") / shard_key(1, 4)
+    with open(cut, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(FeatreconError, match=r"c\.zarr: .*sample.*its chunk lies past the end of the shard file.*"
+                       r"featrecon verify"):
+        for _ in loader.epoch(2):
+            pass
+    loader.close()

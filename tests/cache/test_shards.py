@@ -69,9 +69,10 @@ def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
 
 
 def test_single_chunk_reads_match_and_a_truncated_shard_is_named(tmp_path):
-    """The global shuffle reads single chunks through each shard's index, into each thread's reused
-    buffer: the values equal a whole-shard read, and a shard file cut short after its index was read
-    names the sample instead of decoding a short buffer."""
+    """The global shuffle reads single chunks through each shard's index, in place from the mapped
+    file: the values equal a whole-shard read, and a shard file cut short in place after its index
+    was read and it was mapped (found by the check between epochs) names the sample instead of
+    decoding a short buffer or touching the mapping past the file's end."""
     from featrecon.cache.shards import ShardDecoder, shard_key
     from featrecon.errors import CorruptChunk
 
@@ -84,6 +85,7 @@ def test_single_chunk_reads_match_and_a_truncated_shard_is_named(tmp_path):
     assert dec._maps[1] is not None  # read in place from the mapped file
     shard = path / "features/b" / shard_key(1, 4)
     shard.write_bytes(shard.read_bytes()[:10])  # cut in place after the decoder read its index and mapped it
+    dec.check_mapped()  # as the loader does before each epoch
     with pytest.raises(CorruptChunk, match="sample 5: its chunk lies past the end of the shard file"):
         dec.read_chunks(1, [2], outs[:1])
     assert dec._maps[1] is None  # a file cut in place is not read through its mapping again (SIGBUS)
