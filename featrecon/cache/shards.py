@@ -400,7 +400,7 @@ class ShardDecoder:
 
         Each shard file is mapped into memory once (`_mapped`) and the codec reads its chunks in place:
         a `pread` per chunk copied every chunk out of the page cache first, and that copy cost the
-        global shuffle a seventh of its rate on layer3 (benchmarks/DESIGN.md). Where a file cannot be
+        global shuffle a sixth of its rate on layer3 (benchmarks/DESIGN.md). Where a file cannot be
         mapped, or has changed since it was mapped, each chunk is read with one `pread`."""
         if self.folder is None:
             return self.read(k, rows, outs, on_error)
@@ -451,7 +451,7 @@ class ShardDecoder:
         file whole, which leaves a mapping of the old file intact and consistent with the index read
         from it, as an open descriptor would. Against anything else that does, `check_mapped` looks at
         every mapped file between epochs; a `stat` before every read would catch a cut within an epoch
-        too, but cost the global shuffle an eighth of its rate (benchmarks/DESIGN.md)."""
+        too, but cost the global shuffle about a tenth of its rate (benchmarks/DESIGN.md)."""
         if not self.map_files:
             return None
         mapped = self._maps.get(k, False)
