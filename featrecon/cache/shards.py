@@ -378,6 +378,12 @@ class ShardDecoder:
             index = self.shard_index(data, k)
         except CorruptChunk as e:
             return self._all_damaged(base, rows, outs, e.why, on_error)
+        self._decode_rows(data, index, base, rows, outs, on_error)
+
+    def _decode_rows(self, data: np.ndarray, index, base: int, rows: Sequence[int], outs: Sequence[np.ndarray],
+                     on_error: Callable[[CorruptChunk], None] | None) -> None:
+        """Rows `rows` of a shard's bytes `data` (read whole, or mapped), through its index, into `outs`;
+        a damaged row zero-filled and raised or handed to `on_error`."""
         for r, out in zip(rows, outs):
             try:
                 self._decode_chunk(data, index[r], out, base + r)
@@ -416,16 +422,7 @@ class ShardDecoder:
             return self.read(k, rows, outs, on_error)  # no shard object: zeros, or damage where samples are done
         data = self._mapped(k, path)
         if data is not None:
-            for r, out in zip(rows, outs):
-                offset, nbytes = index[r]
-                try:
-                    if offset != MAX_U64 and offset + nbytes > len(data):
-                        raise CorruptChunk(self.name, base + r, "its chunk lies past the end of the shard file")
-                    self._decode_bytes(data[offset: offset + nbytes] if offset != MAX_U64 else None, out, base + r)
-                except CorruptChunk as e:
-                    out[...] = 0
-                    e.handle(on_error)
-            return
+            return self._decode_rows(data, index, base, rows, outs, on_error)
         fd, kept = self._open(k, path)
         try:
             for r, out in zip(rows, outs):
@@ -552,7 +549,8 @@ class ShardDecoder:
             self._indices[k] = self.shard_index(tail, k).tolist()
         return self._indices[k]
 
-    def _decode_chunk(self, data: np.ndarray, entry: np.ndarray, out: np.ndarray, sample: int) -> None:
+    def _decode_chunk(self, data: np.ndarray, entry, out: np.ndarray, sample: int) -> None:
+        """One chunk of a shard's bytes by its index entry (offset, nbytes)."""
         offset, nbytes = (int(v) for v in entry)
         if offset != MAX_U64 and offset + nbytes > len(data):
             raise CorruptChunk(self.name, sample, "its chunk lies past the end of the shard file")
