@@ -4,8 +4,9 @@ storage_schema.md) and everything that reads or writes it.
 - `schema`: names, dtypes, shapes, the metadata and the version; `split`: the train/holdout rule.
 - `base`: the store interface, which imports no backend; `factory`: the one place that picks
   the backend (`zarr_store`, `h5_store`) once, and the rules for what may be replaced.
-- `shards`: whole Zarr shards encoded and decoded at the codec's speed; `remote`: object
-  stores; `lock`: one writer at a time; `writer`: the extraction's shard writer.
+- `shards`: featrecon's Zarr shard layout, whole shards encoded; `shard_reader`: read at the
+  codec's speed, straight into the caller's buffers; `remote`: object stores; `lock`: one
+  writer at a time; `writer`: the extraction's shard writer.
 - `plan`: which sample goes to which batch slot, per (seed, epoch); `loader`: the training
   reader that fills those slots; `verify`: checking and repairing a cache.
 """

@@ -220,7 +220,7 @@ class RowReader:
 
     def check_mapped(self) -> None:
         """Before an epoch: stop reading in place from any file that changed since it was mapped
-        (nothing by default; see `shards.ShardDecoder`)."""
+        (nothing by default; see `shard_reader.ShardDecoder`)."""
 
     def close(self) -> None:
         """Release what the reader keeps open between reads (nothing by default)."""

@@ -5,7 +5,7 @@ goes to. A pool of `threads` threads then decodes every sample straight into its
 the batch buffer, `prefetch` batches (windowed: shards) ahead of the consumer: with the
 global shuffle each sample's chunk is read through its shard's index from the shard file
 mapped into memory, in the windowed shuffle each shard is read whole. One decompression and
-no other copy on Zarr caches (see `shards`), a read and one copy on HDF5. The codecs
+no other copy on Zarr caches (see `shard_reader`), a read and one copy on HDF5. The codecs
 release the GIL, so the rate grows with the threads.
 On CUDA the batch buffers are pinned, so their copy to the device can run while the
 previous step computes (`train.step.device_batches`).

@@ -1,5 +1,5 @@
 """The Zarr v3 backend of the feature cache: zarr-python for the layout and metadata, our
-shard codec (`shards`) for whole-shard writes and parallel chunk reads."""
+shard codec (`shards`, `shard_reader`) for whole-shard writes and parallel chunk reads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from . import remote
 from . import schema as S
 from .base import CacheStore, SliceReader, rebuild_command, small_columns, stacked
 from .schema import CacheMeta, Codec, Views
-from .shards import ShardDecoder, ShardEncoder, shard_key
+from .shard_reader import ShardDecoder
+from .shards import ShardEncoder, shard_key
 
 
 def creating_root() -> bytes:

@@ -99,7 +99,7 @@ def test_ranks_split_each_global_batch_and_run_the_same_number_of_steps(zarr_cac
 
 
 def test_auto_shuffles_globally_on_a_local_cache_and_reads_single_chunks(zarr_cache, monkeypatch):
-    from featrecon.cache.shards import ShardDecoder
+    from featrecon.cache.shard_reader import ShardDecoder
 
     loader = CacheLoader(zarr_cache, ("layer3",), np.arange(24), batch_size=4, seed=0, in_memory=False, mode="auto")
     assert loader.mode == "global" and "global shuffle" in loader.describe()
