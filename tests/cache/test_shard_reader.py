@@ -76,7 +76,7 @@ def test_a_chunk_is_checked_after_it_is_decompressed_and_damage_is_named_either_
     decodes but fails its checksum, and one the codec rejects whose checksum fails too, are both a
     checksum mismatch; a frame with a sound checksum that the codec rejects cannot be decoded."""
     import numcodecs
-    from crc32c import crc32c
+    from google_crc32c import value as crc32c  # zarr's own, independent of ours
 
     from featrecon.cache.shard_reader import ShardDecoder
     from featrecon.cache.shards import ShardLayout

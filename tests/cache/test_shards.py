@@ -66,3 +66,16 @@ def test_whole_shard_encoder_writes_zarrs_own_bytes(tmp_path, codec, dtype):
     assert files[True] == files[False]
     with open_cache(tmp_path / "True.zarr") as st:
         np.testing.assert_array_equal(st.read("features/b", 6, 8)[1], sample(7 * 7 + 2, (2, 5, 5), np.dtype(dtype)))
+
+
+def test_chunk_checksum_is_crc32c_as_zarr_computes_it():
+    """The chunk checksum is CRC-32C (iSCSI): its check value, and zarr's own implementation
+    (google_crc32c) on buffers above and below the size where ours releases the GIL, at odd offsets."""
+    from google_crc32c import value as zarrs_crc32c
+
+    from featrecon.cache.shards import chunk_crc32c
+
+    assert chunk_crc32c(b"123456789") == 0xE3069283
+    data = np.random.default_rng(0).integers(0, 256, 300_001, dtype=np.uint8)
+    for part in (data, data[3:], data[5:4_000], data[:0]):
+        assert chunk_crc32c(part) == zarrs_crc32c(part.tobytes())
