@@ -56,14 +56,16 @@ class _ZstdInto:
         if d is None:
             d = self._local.d = self._new()
         target = memoryview(out).cast("B")
-        with d.stream_reader(chunk) as reader:
-            got = reader.readinto(target)
-            while 0 < got < len(target):  # a reader may hand back a frame in parts
-                more = reader.readinto(target[got:])
-                if not more:
-                    break
-                got += more
-            extra = reader.read(1)
+        # No `with`: a reader over a buffer holds nothing to release, and the context manager cost
+        # a fifth of this call's Python (benchmarks/DESIGN.md).
+        reader = d.stream_reader(chunk)
+        got = reader.readinto(target)
+        while 0 < got < len(target):  # a reader may hand back a frame in parts
+            more = reader.readinto(target[got:])
+            if not more:
+                break
+            got += more
+        extra = reader.read(1)
         if got != len(target) or extra:
             raise ValueError(f"the frame holds {'more' if extra else got} bytes, the sample {len(target)}")
 
@@ -205,15 +207,25 @@ class ShardDecoder:
             index = self.shard_index(data, k)
         except CorruptChunk as e:
             return self._all_damaged(base, rows, outs, e.why, on_error)
-        self._decode_rows(data, index, base, rows, outs, on_error)
+        self._decode_rows(data, index.tolist(), base, rows, outs, on_error)
 
-    def _decode_rows(self, data: np.ndarray, index, base: int, rows: Sequence[int], outs: Sequence[np.ndarray],
-                     on_error: Callable[[CorruptChunk], None] | None) -> None:
-        """Rows `rows` of a shard's bytes `data` (read whole, or mapped), through its index, into `outs`;
-        a damaged row zero-filled and raised or handed to `on_error`."""
+    def _decode_rows(self, data: np.ndarray, index: list[list[int]], base: int, rows: Sequence[int],
+                     outs: Sequence[np.ndarray], on_error: Callable[[CorruptChunk], None] | None) -> None:
+        """Rows `rows` of a shard's bytes `data` (read whole, or mapped), through its index (a list of
+        [offset, nbytes] pairs), into `outs`; a damaged row zero-filled and raised or handed to
+        `on_error`. The loop is the loader's per-chunk Python, run with the GIL held while the other
+        threads wait for it: kept to one call per chunk (benchmarks/DESIGN.md)."""
+        end = len(data)
         for r, out in zip(rows, outs):
+            offset, nbytes = index[r]
             try:
-                self._decode_chunk(data, index[r], out, base + r)
+                if offset == MAX_U64:
+                    chunk = None
+                elif offset + nbytes > end:
+                    raise CorruptChunk(self.name, base + r, "its chunk lies past the end of the shard file")
+                else:
+                    chunk = data[offset: offset + nbytes]
+                self._decode_bytes(chunk, out, base + r)
             except CorruptChunk as e:
                 out[...] = 0
                 e.handle(on_error)
@@ -375,13 +387,6 @@ class ShardDecoder:
                 return None
             self._indices[k] = self.shard_index(tail, k).tolist()
         return self._indices[k]
-
-    def _decode_chunk(self, data: np.ndarray, entry, out: np.ndarray, sample: int) -> None:
-        """One chunk of a shard's bytes by its index entry (offset, nbytes)."""
-        offset, nbytes = (int(v) for v in entry)
-        if offset != MAX_U64 and offset + nbytes > len(data):
-            raise CorruptChunk(self.name, sample, "its chunk lies past the end of the shard file")
-        self._decode_bytes(data[offset: offset + nbytes] if offset != MAX_U64 else None, out, sample)
 
     def _decode_bytes(self, chunk: np.ndarray | None, out: np.ndarray, sample: int) -> None:
         """Decompress one stored chunk into `out` and check it; None: the shard holds no chunk for it.
