@@ -218,6 +218,17 @@ class RowReader:
     def read_chunks(self, k: int, rows, outs, on_error=None) -> None:
         self.read(k, rows, outs, on_error)
 
+    def read_samples(self, shards, rows, outs, on_error=None) -> None:
+        """Sample i's row `rows[i]` of shard `shards[i]` into `outs[i]`, the samples of a shuffled batch
+        from any shards: grouped by shard for `read_chunks`."""
+        by_shard: dict[int, tuple[list, list]] = {}
+        for k, r, out in zip(shards, rows, outs):
+            group = by_shard.setdefault(k, ([], []))
+            group[0].append(r)
+            group[1].append(out)
+        for k, (group_rows, group_outs) in by_shard.items():
+            self.read_chunks(k, group_rows, group_outs, on_error)
+
     def check_mapped(self) -> None:
         """Before an epoch: stop reading in place from any file that changed since it was mapped
         (nothing by default; see `shard_reader.ShardDecoder`)."""

@@ -42,9 +42,8 @@ REMOTE_THREADS = 32  # shard reads in flight on an object store
 # The global shuffle reads at least this many samples ahead of the consumer: with small batches,
 # twice the threads' worth of batches left the readers idle between batches (benchmarks/DESIGN.md).
 AHEAD_SAMPLES = 128
-# A batch of the global shuffle is split into tasks of at least this many shards (in a shuffled batch
-# nearly always one sample each): each task costs the GIL a future and a wake-up, so small batches go
-# to one thread each (benchmarks/DESIGN.md).
+# A batch of the global shuffle is split into tasks of at least this many samples: each task costs
+# the GIL a future and a wake-up, so small batches go to one thread each (benchmarks/DESIGN.md).
 TASK_SAMPLES = 16
 
 
@@ -273,10 +272,10 @@ class CacheLoader:
                              else self._stream_epoch(epoch))
 
     def _stream_batches(self, epoch: int) -> Iterator[tuple[Buffers, np.ndarray]]:
-        """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each batch's samples
-        grouped by shard and their chunks read on the pool (a task per TASK_SAMPLES shards or more, at
-        most one per thread). What each batch reads is worked out once per epoch, in whole arrays: per
-        batch Python work is GIL time the reading threads wait for."""
+        """The global shuffle, streamed: batch by batch, `prefetch` batches ahead, each sample's chunks
+        read on the pool (a task per TASK_SAMPLES samples or more, at most one per thread). What each
+        batch reads is worked out once per epoch, in whole arrays: per batch Python work is GIL time the
+        reading threads wait for."""
         order, seq = self.plan(epoch)
         samples = self.indices[self._positions(order, seq)]
         for name in self.names:  # a shard file cut in place since the last epoch is not read in place again
@@ -290,17 +289,11 @@ class CacheLoader:
         def submit(start: int):
             n = min(bs, len(seq) - start)
             buffers = self.buffers.take(n)
-            by_shard: dict[int, tuple[list[int], list[int]]] = {}
-            for j, k, r in zip(range(n), shards[start: start + n], rows[start: start + n]):
-                entry = by_shard.get(k)
-                if entry is None:
-                    entry = by_shard[k] = ([], [])
-                entry[0].append(r)
-                entry[1].append(j)
-            items = list(by_shard.items())
-            per_task = max(-(-len(items) // self.threads), TASK_SAMPLES)
-            futures = [pool.submit(self._decode_chunks, items[i: i + per_task], buffers.arrays)
-                       for i in range(0, len(items), per_task)]
+            per_task = max(-(-n // self.threads), TASK_SAMPLES)
+            futures = []
+            for i in range(0, n, per_task):
+                lo, hi = start + i, start + min(i + per_task, n)
+                futures.append(pool.submit(self._decode_samples, shards[lo:hi], rows[lo:hi], i, buffers.arrays))
             return buffers, futures, start
 
         ahead = collections.deque(submit(s) for s in starts[: self.prefetch])
@@ -319,15 +312,13 @@ class CacheLoader:
                 for f in futures:
                     f.cancel()
 
-    def _decode_chunks(self, items: list[tuple[int, tuple[list[int], list[int]]]],
-                       arrays: dict[str, np.ndarray]) -> None:
-        """Decode, for each (shard, (rows, batch slots)), those rows' chunks of every array into the slots."""
+    def _decode_samples(self, shards: list[int], rows: list[int], first: int, arrays: dict[str, np.ndarray]) -> None:
+        """Decode sample i's row `rows[i]` of shard `shards[i]` of every array into batch slot first + i."""
         try:
             on_error = self.damage.on_error()
             for name in self.names:
-                reader, out = self._reader(name), arrays[name]
-                for k, (rows, slots) in items:
-                    reader.read_chunks(k, rows, [out[j] for j in slots], on_error=on_error)
+                out = arrays[name]
+                self._reader(name).read_samples(shards, rows, out[first: first + len(shards)], on_error=on_error)
         except CorruptChunk as e:
             raise self.damage.error(e) from None
 

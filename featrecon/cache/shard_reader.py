@@ -278,6 +278,21 @@ class ShardDecoder:
             if not kept:
                 os.close(fd)
 
+    def read_samples(self, shards: Sequence[int], rows: Sequence[int], outs: Sequence[np.ndarray],
+                     on_error: Callable[[CorruptChunk], None] | None = None) -> None:
+        """Sample i's row `rows[i]` of shard `shards[i]` into `outs[i]`: a batch of the global shuffle,
+        whose samples nearly all come from different shards. A sample of a shard already mapped and
+        indexed costs two dict lookups and its decode; any other goes through `read_chunks`. This loop
+        is Python the reading threads run with the GIL held, per sample: grouping the batch by shard
+        first cost more than it saved (benchmarks/DESIGN.md)."""
+        maps, indices, per_shard = self._maps, self._indices, self.layout.per_shard
+        for k, r, out in zip(shards, rows, outs):
+            mapped, index = maps.get(k), indices.get(k)
+            if mapped is None or index is None:
+                self.read_chunks(k, (r,), (out,), on_error)
+            else:
+                self._decode_rows(mapped.data, index, k * per_shard, (r,), (out,), on_error)
+
     def _mapped(self, k: int, path: str) -> np.ndarray | None:
         """Shard k's file mapped into memory (a uint8 array), or None: mapping is off, the process's
         mapping budget is spent, the file cannot be mapped, or `check_mapped` found it changed.
